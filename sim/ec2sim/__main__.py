@@ -1,0 +1,205 @@
+"""Command line of the simulator (called by scripts/ec2sim). stdout carries only the
+result (exports, JSON, a path); everything else goes to stderr."""
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+from . import cleanup, config, faults, hostops
+
+EXPORTS = ("export AWS_ENDPOINT_URL=http://127.0.0.1:{port}\n"
+           "export AWS_ACCESS_KEY_ID=ec2sim\n"
+           "export AWS_SECRET_ACCESS_KEY=ec2sim\n"
+           "export AWS_REGION=us-east-1\n"
+           "export AWS_DEFAULT_REGION=us-east-1\n"
+           "export AWS_EC2_METADATA_DISABLED=true\n")
+
+
+class Fail(Exception):
+    pass
+
+
+def _daemon_alive(sdir):
+    for e in config.Ledger(sdir).entries():
+        if e["kind"] == "pid" and e.get("role") == "daemon" and \
+                config.pid_alive(e["pid"], e.get("start")):
+            return e["pid"]
+    return None
+
+
+def cmd_up(sdir, name, args):
+    os.makedirs(sdir, exist_ok=True)
+    with config.locked(os.path.join(os.path.dirname(sdir), f".{name}.lock")):
+        cfg = config.read_json(os.path.join(sdir, "config.json"))
+        if cfg and _daemon_alive(sdir) and os.path.exists(os.path.join(sdir, "ready")):
+            sys.stdout.write(EXPORTS.format(port=cfg["port"]))
+            return
+        if cfg:  # a crashed daemon: clear what it left, then start clean
+            cleanup.down(sdir)
+            os.makedirs(sdir, exist_ok=True)
+        with config.locked(os.path.join(config.state_root(), ".alloc.lock")):
+            cfg = config.choose_config(sdir, name)
+            config.write_json(os.path.join(sdir, "config.json"), cfg)
+        led = config.Ledger(sdir)
+        log = open(os.path.join(sdir, "daemon.log"), "ab")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        p = subprocess.Popen([sys.executable, "-m", "ec2sim.daemon", sdir], stdin=subprocess.DEVNULL,
+                             stdout=log, stderr=log, env=env, start_new_session=True)
+        config.record_pid(led, p.pid, "daemon")
+        ready = os.path.join(sdir, "ready")
+        end = time.time() + 90
+        while not os.path.exists(ready):
+            if p.poll() is not None or time.time() > end:
+                p.kill()
+                tail = open(os.path.join(sdir, "daemon.log"), errors="replace").read()[-1500:]
+                sys.stderr.write(tail)
+                raise Fail(f"the simulator daemon did not start (log: {sdir}/daemon.log)")
+            time.sleep(0.05)
+        sys.stdout.write(EXPORTS.format(port=cfg["port"]))
+
+
+def cmd_down(sdir, name, args):
+    if not os.path.isdir(sdir):
+        return
+    os.makedirs(config.state_root(), exist_ok=True)
+    lock = os.path.join(os.path.dirname(sdir), f".{name}.lock")
+    with config.locked(lock):
+        cleanup.down(sdir)
+        os.unlink(lock)  # lock files would pile up, one per test simulator
+
+
+def _client(sdir, service="ec2"):
+    cfg = config.read_json(os.path.join(sdir, "config.json"))
+    if not cfg or not _daemon_alive(sdir):
+        raise Fail(f"simulator '{os.path.basename(sdir)}' is not running (run: scripts/ec2sim up)")
+    import boto3
+    c = boto3.client(service, endpoint_url=f"http://127.0.0.1:{cfg['port']}",
+                     region_name="us-east-1", aws_access_key_id="ec2sim",
+                     aws_secret_access_key="ec2sim")
+    # Marks the calls so armed API faults are not consumed by status.
+    c.meta.events.register("before-sign.*.*",
+                           lambda request, **_: request.headers.__setitem__(
+                               "X-Ec2sim-Internal", "1"))
+    return c
+
+
+def cmd_status(sdir, name, args):
+    ec2 = _client(sdir)
+    out = {"instances": [], "volumes": [], "snapshots": [], "security_groups": [],
+           "key_pairs": []}
+    for r in ec2.describe_instances()["Reservations"]:
+        for i in r["Instances"]:
+            out["instances"].append({
+                "id": i["InstanceId"], "state": i["State"]["Name"], "type": i["InstanceType"],
+                "zone": i["Placement"]["AvailabilityZone"],
+                "address": i.get("PublicIpAddress"), "image": i["ImageId"],
+                "key_name": i.get("KeyName")})
+    for v in ec2.describe_volumes()["Volumes"]:
+        f = os.path.join(sdir, "volumes", v["VolumeId"] + ".img")
+        out["volumes"].append({
+            "id": v["VolumeId"], "state": v["State"], "size": v["Size"],
+            "zone": v["AvailabilityZone"], "encrypted": v.get("Encrypted", False),
+            "file": f if os.path.exists(f) else None,
+            "tags": {t["Key"]: t["Value"] for t in v.get("Tags", [])},
+            "attachments": [{"instance": a["InstanceId"], "device": a["Device"],
+                             "state": a["State"]} for a in v.get("Attachments", [])]})
+    for s in ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]:
+        out["snapshots"].append({"id": s["SnapshotId"], "state": s["State"],
+                                 "volume": s.get("VolumeId"), "size": s.get("VolumeSize")})
+    for g in ec2.describe_security_groups()["SecurityGroups"]:
+        out["security_groups"].append({"id": g["GroupId"], "name": g["GroupName"]})
+    out["key_pairs"] = [k["KeyName"] for k in ec2.describe_key_pairs()["KeyPairs"]]
+    json.dump(out, sys.stdout, indent=1, default=str)
+    sys.stdout.write("\n")
+
+
+def cmd_volume_file(sdir, name, args):
+    if len(args) != 1:
+        raise Fail("usage: ec2sim volume-file VOLUME_ID")
+    f = os.path.join(sdir, "volumes", args[0] + ".img")
+    if not os.path.exists(f):
+        raise Fail(f"unknown volume {args[0]} in simulator '{name}'")
+    print(f)
+
+
+def _instances(sdir):
+    out = []
+    for p in glob.glob(os.path.join(sdir, "instances", "*", "info.json")):
+        info = config.read_json(p)
+        if info:
+            out.append(info)
+    return out
+
+
+def cmd_fault(sdir, name, args):
+    if not os.path.isdir(sdir):
+        raise Fail(f"simulator '{name}' is not up")
+    if not args:
+        raise Fail("usage: ec2sim fault api|boot-delay|attach-delay|never-boot|link|clear ...")
+    kind, rest = args[0], args[1:]
+    try:
+        if kind == "api" and len(rest) == 3:
+            action, code, count = rest[0], rest[1], int(rest[2])
+            faults.update(sdir, lambda d: d.setdefault("api", {}).__setitem__(
+                action, {"code": code, "count": count}))
+        elif kind == "boot-delay" and len(rest) == 1:
+            faults.update(sdir, lambda d: d.__setitem__("boot_delay", float(rest[0])))
+        elif kind == "attach-delay" and len(rest) == 1:
+            faults.update(sdir, lambda d: d.__setitem__("attach_delay", float(rest[0])))
+        elif kind == "never-boot" and len(rest) <= 1:
+            n = int(rest[0]) if rest else 1
+            faults.update(sdir, lambda d: d.__setitem__("never_boot", d.get("never_boot", 0) + n))
+        elif kind == "link" and len(rest) in (1, 2):
+            link = {"mbit": float(rest[0]), "delay_ms": float(rest[1]) if len(rest) > 1 else 0}
+            faults.update(sdir, lambda d: d.__setitem__("link", link))
+            for i in _instances(sdir):
+                if not hostops.shape(i["ns"], i["veth"], link) and link["delay_ms"]:
+                    sys.stderr.write("ec2sim: this kernel has no sch_netem: rate shaped "
+                                     "with tbf, delay not applied.\n")
+        elif kind == "clear" and not rest:
+            had_link = faults.load(sdir).get("link")
+            faults.clear(sdir)
+            if had_link:
+                for i in _instances(sdir):
+                    hostops.unshape(i["ns"], i["veth"])
+        else:
+            raise Fail(f"bad fault arguments: {' '.join(args)}")
+    except ValueError:
+        raise Fail(f"bad number in fault arguments: {' '.join(args)}")
+
+
+def cmd_kill_sessions(sdir, name, args):
+    n = 0
+    for i in _instances(sdir):
+        if i.get("init_pid") and config.pid_alive(i["init_pid"], i.get("init_start")):
+            n += hostops.kill_sessions(i["init_pid"])
+    sys.stderr.write(f"killed {n} ssh session(s)\n")
+
+
+COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status,
+            "volume-file": cmd_volume_file, "fault": cmd_fault,
+            "kill-sessions": cmd_kill_sessions}
+
+
+def main(argv):
+    if not argv or argv[0] not in COMMANDS:
+        sys.stderr.write("usage: ec2sim up|down|status|volume-file ID|fault ...|kill-sessions\n")
+        return 2
+    name = config.sim_name()
+    if "/" in name or name.startswith("."):
+        sys.stderr.write(f"invalid EC2SIM_NAME '{name}'.\n")
+        return 2
+    os.makedirs(config.state_root(), exist_ok=True)
+    try:
+        COMMANDS[argv[0]](config.state_dir(name), name, argv[1:])
+    except Fail as e:
+        sys.stderr.write(f"ec2sim: {e}.\n" if not str(e).endswith(".") else f"ec2sim: {e}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

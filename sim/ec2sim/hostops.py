@@ -1,0 +1,320 @@
+"""Host side of an instance: network namespace, veth, private mount namespace, sshd,
+loop devices and the device nodes the instance sees. No moto in here."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+from . import config
+
+SSHD = "/usr/sbin/sshd"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Instance families that are Xen-based on EC2 (devices appear as /dev/xvdX); all others are Nitro (NVMe).
+XEN_FAMILIES = {"t1", "t2", "m1", "m2", "m3", "m4", "c1", "c3", "c4", "r3", "r4", "x1", "x1e",
+                "d2", "g2", "g3", "p2", "i2", "h1", "f1", "cc2", "cr1", "hs1"}
+
+SSHD_CONFIG = """\
+Port 22
+ListenAddress 0.0.0.0
+{hostkeys}
+PidFile none
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+AuthorizedKeysFile .ssh/authorized_keys
+PermitRootLogin no
+StrictModes yes
+MaxSessions 64
+MaxStartups 64
+UseDNS no
+PrintMotd no
+PrintLastLog no
+X11Forwarding no
+AllowTcpForwarding yes
+AcceptEnv LANG LC_*
+Subsystem sftp /usr/lib/openssh/sftp-server
+"""
+
+
+def run(args, check=True, **kw):
+    r = subprocess.run(args, capture_output=True, text=True, **kw)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed: {r.stderr.strip()}")
+    return r
+
+
+def is_xen(instance_type):
+    return (instance_type or "").split(".")[0] in XEN_FAMILIES
+
+
+def _free_uid(passwd_lines):
+    used = {int(l.split(":")[2]) for l in passwd_lines if l.count(":") >= 6}
+    uid = 1000
+    while uid in used:
+        uid += 1
+    return uid
+
+
+def write_etc(idir, hostname, addr):
+    """Private /etc/passwd, shadow, group, hosts, hostname and sudoers.d for ec2-user."""
+    etc = os.path.join(idir, "etc")
+    os.makedirs(os.path.join(etc, "sudoers.d"), exist_ok=True)
+    with open("/etc/passwd") as f:
+        passwd = [l for l in f.read().splitlines() if not l.startswith("ec2-user:")]
+    with open("/etc/group") as f:
+        group = [l for l in f.read().splitlines() if not l.startswith("ec2-user:")]
+    with open("/etc/shadow") as f:
+        shadow = [l for l in f.read().splitlines() if not l.startswith("ec2-user:")]
+    uid = _free_uid(passwd)
+    passwd.append(f"ec2-user:x:{uid}:{uid}:EC2 Default User:/home/ec2-user:/bin/bash")
+    group.append(f"ec2-user:x:{uid}:")
+    # '*' (not '!'): with UsePAM no, sshd treats '!' as a locked account.
+    shadow.append("ec2-user:*:19000:0:99999:7:::")
+    for fname, lines, mode in (("passwd", passwd, 0o644), ("group", group, 0o644),
+                               ("shadow", shadow, 0o640)):
+        p = os.path.join(etc, fname)
+        with open(p, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.chmod(p, mode)
+    with open(os.path.join(etc, "hosts"), "w") as f:
+        f.write(f"127.0.0.1 localhost\n127.0.1.1 {hostname}\n{addr} {hostname}\n")
+    with open(os.path.join(etc, "hostname"), "w") as f:
+        f.write(hostname + "\n")
+    p = os.path.join(etc, "sudoers.d", "90-cloud-init-users")
+    with open(p, "w") as f:
+        f.write("ec2-user ALL=(ALL) NOPASSWD:ALL\n")
+    os.chmod(p, 0o440)
+    os.chmod(os.path.join(etc, "sudoers.d"), 0o755)
+    return uid
+
+
+def write_host_keys(idir, given):
+    """Host keys: those from cloud-config ssh_keys if any (as cloud-init does), else fresh."""
+    kdir = os.path.join(idir, "keys")
+    os.makedirs(kdir, mode=0o700, exist_ok=True)
+    names = []
+    if given:
+        for ktype, (priv, pub) in given.items():
+            p = os.path.join(kdir, f"ssh_host_{ktype}_key")
+            fd = os.open(p, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(priv.strip() + "\n")
+            if not pub:
+                pub = run(["ssh-keygen", "-y", "-f", p]).stdout
+            with open(p + ".pub", "w") as f:
+                f.write(pub.strip() + "\n")
+            names.append(ktype)
+    else:
+        for ktype in ("ecdsa", "ed25519"):
+            p = os.path.join(kdir, f"ssh_host_{ktype}_key")
+            run(["ssh-keygen", "-q", "-t", ktype, "-N", "", "-C", "root@localhost", "-f", p])
+            names.append(ktype)
+    return names
+
+
+def write_sshd_config(idir, keytypes):
+    hostkeys = "\n".join(f"HostKey /run/ec2sim/keys/ssh_host_{t}_key" for t in keytypes)
+    with open(os.path.join(idir, "sshd_config"), "w") as f:
+        f.write(SSHD_CONFIG.format(hostkeys=hostkeys))
+
+
+def host_pubkeys(idir):
+    kdir = os.path.join(idir, "keys")
+    out = []
+    if os.path.isdir(kdir):
+        for n in sorted(os.listdir(kdir)):
+            if n.endswith(".pub"):
+                with open(os.path.join(kdir, n)) as f:
+                    out.append(f.read().strip())
+    return out
+
+
+def make_net(ledger, tag, block, idx, link):
+    ns, hv = config.netns_name(tag, idx), config.veth_name(tag, idx)
+    tmp_peer = f"es{tag}i{idx}"
+    host, inst = config.addresses(block, idx)
+    ledger.add("netns", name=ns)
+    run(["ip", "netns", "add", ns])
+    ledger.add("link", name=hv)
+    run(["ip", "link", "add", hv, "type", "veth", "peer", "name", tmp_peer, "netns", ns])
+    run(["ip", "-n", ns, "link", "set", tmp_peer, "name", "eth0"])
+    run(["ip", "addr", "add", f"{host}/30", "dev", hv])
+    run(["ip", "link", "set", hv, "up"])
+    run(["ip", "-n", ns, "addr", "add", f"{inst}/30", "dev", "eth0"])
+    run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+    run(["ip", "-n", ns, "link", "set", "lo", "up"])
+    run(["ip", "-n", ns, "route", "add", "default", "via", host])
+    if link:
+        shape(ns, hv, link)
+    return ns, hv, inst
+
+
+def shape(ns, hv, link):
+    """Limit both ends so both directions are shaped. netem does rate+delay; kernels
+    without sch_netem (like this VM's) get tbf: rate only, delay ignored with a warning."""
+    ok = True
+    for pre, dev in ((["tc"], hv), (["tc", "-n", ns], "eth0")):
+        args = pre + ["qdisc", "replace", "dev", dev, "root", "netem", "limit", "100000"]
+        if link.get("delay_ms"):
+            args += ["delay", f"{link['delay_ms']}ms"]
+        if link.get("mbit"):
+            args += ["rate", f"{link['mbit']}mbit"]
+        if run(args, check=False).returncode != 0:
+            ok = False
+            # burst must hold at least one full-size frame plus timer slack at this rate.
+            burst = max(16 * 1024, int(link.get("mbit", 1000) * 1e6 / 8 / 250))
+            run(pre + ["qdisc", "replace", "dev", dev, "root", "tbf", "rate",
+                       f"{link['mbit']}mbit", "burst", str(burst), "latency", "100ms"])
+    return ok
+
+
+def unshape(ns, hv):
+    run(["tc", "qdisc", "del", "dev", hv, "root"], check=False)
+    run(["tc", "-n", ns, "qdisc", "del", "dev", "eth0", "root"], check=False)
+
+
+def start_sshd(ledger, idir, ns, hostname, uid):
+    """unshare (host pid P) forks PID 1 of a new pid namespace that becomes sshd -D.
+    Killing that PID 1 kills every process of the instance, even daemonised ones."""
+    log = open(os.path.join(idir, "boot.log"), "ab")
+    args = ["nsenter", f"--net=/run/netns/{ns}", "--", "unshare", "--mount", "--uts", "--pid",
+            "--fork", "--mount-proc", "--propagation", "private", "--",
+            "/bin/sh", os.path.join(HERE, "boot.sh"), idir, hostname, str(uid)]
+    p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                         start_new_session=True)
+    log.close()
+    config.record_pid(ledger, p.pid, "unshare")
+    child = None
+    for _ in range(500):
+        child = children(p.pid)
+        if child:
+            break
+        if p.poll() is not None:
+            raise RuntimeError("instance boot script exited early; see boot.log")
+        time.sleep(0.005)
+    if not child:
+        raise RuntimeError("instance init process did not appear")
+    config.record_pid(ledger, child[0], "init")
+    return p, child[0]
+
+
+def children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def descendants(pid):
+    out, todo = [], [pid]
+    while todo:
+        for c in children(todo.pop()):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def wait_ssh(addr, timeout, should_stop=lambda: False):
+    """True once something on addr:22 sends an SSH banner."""
+    end = time.time() + timeout
+    while time.time() < end and not should_stop():
+        try:
+            with socket.create_connection((addr, 22), timeout=0.5) as s:
+                s.settimeout(1)
+                if s.recv(4).startswith(b"SSH-"):
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.02)
+    return False
+
+
+def kill_tree(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def kill_sessions(listener):
+    """Kill every per-connection sshd under the listener, with everything under them."""
+    n = 0
+    for c in children(listener):
+        kill_tree([c] + descendants(c))
+        n += 1
+    return n
+
+
+def nsexec(init_pid, script, check=True):
+    return run(["nsenter", f"--mount=/proc/{init_pid}/ns/mnt", "--", "/bin/sh", "-c", script],
+               check=check)
+
+
+def loop_attach(ledger, vfile):
+    ledger.add("loop", file=vfile)
+    dev = run(["losetup", "-f", "--show", vfile]).stdout.strip()
+    ledger.add("loop", file=vfile, dev=dev)
+    return dev
+
+
+def loop_minor(dev):
+    return os.minor(os.stat(dev).st_rdev)
+
+
+def device_names(instance_type, requested, vol_id, nvme_index):
+    """(node, symlinks) as the instance's udev would create them on EC2."""
+    if is_xen(instance_type):
+        node = "/dev/xvd" + requested.split("/dev/")[-1].replace("xvd", "").replace("sd", "", 1)
+        return node, []
+    node = f"/dev/nvme{nvme_index}n1"
+    links = [f"/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_{vol_id.replace('-', '')}"]
+    # amazon-ec2-utils (on AL2023) also links the requested /dev/sdX or /dev/xvdX name.
+    links.append(requested)
+    return node, links
+
+
+def add_device(init_pid, node, minor, links):
+    cmds = [f"rm -f {node}", f"mknod -m 660 {node} b 7 {minor}", f"chgrp disk {node} || true"]
+    for l in links:
+        target = os.path.relpath(node, os.path.dirname(l))
+        cmds.append(f"mkdir -p {os.path.dirname(l)} && ln -sfn {target} {l}")
+    nsexec(init_pid, " && ".join(cmds))
+
+
+def remove_device(init_pid, node, minor, links):
+    """Lazily unmount anything on the device inside the instance (a real detach yanks it)."""
+    script = (f"awk '$3==\"7:{minor}\" {{print $5}}' /proc/self/mountinfo | sort -r | "
+              f"while read m; do umount -l \"$m\"; done; rm -f {node} {' '.join(links)}")
+    if init_pid and config.pid_start(init_pid):
+        nsexec(init_pid, script, check=False)
+
+
+def loop_detach(dev, vfile):
+    """Detach only if the loop device still points at our file (device numbers get reused)."""
+    name = os.path.basename(dev)
+    try:
+        with open(f"/sys/block/{name}/loop/backing_file") as f:
+            backing = f.read().strip()
+    except OSError:
+        return
+    if backing.replace(" (deleted)", "") == vfile:
+        run(["losetup", "-d", dev], check=False)
+
+
+def delete_net(ns, hv):
+    run(["ip", "link", "del", hv], check=False)
+    run(["ip", "netns", "del", ns], check=False)
+
+
+def copy_sparse(src, dst):
+    run(["cp", "--sparse=always", src, dst])
+
+
+def remove_tree(path):
+    shutil.rmtree(path, ignore_errors=True)

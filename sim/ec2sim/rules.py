@@ -1,0 +1,248 @@
+"""EC2 rules moto 5.2.5 does not enforce, installed as class-level wrappers on the
+EC2 backend before the server starts. moto calls attach/detach/create_volume itself inside
+run_instances/terminate_instances (root volume): those internal calls pass untouched."""
+import re
+import threading
+from contextlib import contextmanager
+
+from moto.ec2.exceptions import EC2ClientError
+from moto.ec2.models import EC2Backend
+from moto.ec2.models.elastic_block_store import Volume
+from moto.ec2.models.instance_types import INSTANCE_TYPES
+from moto.ec2.models.instances import Instance
+from moto.ec2.responses.general import General
+from moto.core.responses import ActionResult
+from moto.core.utils import utcnow
+from moto.ec2.utils import Base64EncodedString
+
+_tl = threading.local()
+DEVICE_RE = re.compile(r"^/dev/(sd[a-z]{1,2}|xvd[a-z]{1,2})[0-9]*$")
+
+
+@contextmanager
+def internal():
+    _tl.depth = getattr(_tl, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _tl.depth -= 1
+
+
+def is_internal():
+    return getattr(_tl, "depth", 0) > 0
+
+
+def err(code, msg):
+    return EC2ClientError(code, msg)
+
+
+def install(sim):
+    orig = {n: getattr(EC2Backend, n) for n in (
+        "run_instances", "terminate_instances", "stop_instances", "start_instances",
+        "create_volume", "delete_volume", "attach_volume", "detach_volume",
+        "create_snapshot", "delete_snapshot")}
+
+    # --- states and addresses moto hardwires -------------------------------
+    def vol_status(self):
+        s = getattr(self, "_sim_status", None)
+        return s or ("in-use" if self.attachment else "available")
+    Volume.status = property(vol_status)
+
+    def addr_prop(name):
+        base = getattr(Instance, name)
+
+        def get(self):
+            a = getattr(self, "_sim_addr", None)
+            return a if a else base.fget(self)
+        return property(get)
+    for name in ("private_ip", "private_ip_address", "public_ip", "public_ip_address"):
+        setattr(Instance, name, addr_prop(name))
+    # The DNS name must resolve to where sshd listens; the bare address always does.
+    base_dns = Instance.public_dns_name
+    Instance.public_dns_name = property(
+        lambda self: getattr(self, "_sim_addr", None) or base_dns.fget(self))
+    Instance.private_dns_name = property(
+        lambda self: "ip-" + self.private_ip.replace(".", "-") + ".ec2.internal")
+
+    # --- instances ----------------------------------------------------------
+    def run_instances(self, image_id, count, user_data, security_group_names, **kw):
+        itype = kw.get("instance_type") or "m1.small"
+        if itype not in INSTANCE_TYPES:  # moto says InvalidInstanceType.NotFound; EC2 does not
+            raise err("InvalidParameterValue", f"Invalid value '{itype}' for InstanceType.")
+        imgs = self.describe_images(ami_ids=[image_id])  # raises InvalidAMIID.NotFound
+        arch = imgs[0].architecture if imgs else None
+        type_archs = INSTANCE_TYPES.get(itype, {}).get("ProcessorInfo", {}).get(
+            "SupportedArchitectures")
+        if arch and type_archs and arch not in type_archs:
+            raise err("InvalidParameterValue",
+                      f"The architecture '{type_archs[0]}' of the specified instance type does "
+                      f"not match the architecture '{arch}' of the specified AMI. Specify an "
+                      "instance type and an AMI that have matching architectures, and try "
+                      "again. You can use 'describe-instance-types' or 'describe-images' to "
+                      "discover the architecture of the instance type or AMI.")
+        if int(count) > sim.free_count():
+            raise err("InsufficientInstanceCapacity",
+                      f"We currently do not have sufficient {itype} capacity in the "
+                      "Availability Zone you requested. (simulator limit reached)")
+        with internal():
+            res = orig["run_instances"](self, image_id, count, user_data,
+                                        security_group_names, **kw)
+        for mi in res.instances:
+            sim.launch(self, mi)
+        return res
+
+    def terminate_instances(self, instance_ids):
+        plan = []
+        for iid in instance_ids or []:
+            mi = self.get_instance(iid)
+            vols = [(v, v.attachment) for v in self.volumes.values()
+                    if v.attachment and v.attachment.instance is mi
+                    and v.attachment.device in mi.block_device_mapping
+                    and not mi.block_device_mapping[v.attachment.device].delete_on_termination]
+            plan.append((mi, vols))
+        with internal():
+            res = orig["terminate_instances"](self, instance_ids)
+        for mi, vols in plan:
+            sim.terminate(mi, vols)
+        return res
+
+    def stop_instances(self, instance_ids):
+        for iid in instance_ids:
+            mi = self.get_instance(iid)
+            if mi._state.name != "running":
+                raise err("IncorrectInstanceState",
+                          f"The instance '{iid}' is not in a state from which it can be stopped.")
+        res = orig["stop_instances"](self, instance_ids)
+        for mi, _ in res:
+            sim.stop(mi)
+        return res
+
+    def start_instances(self, instance_ids):
+        for iid in instance_ids:
+            mi = self.get_instance(iid)
+            if mi._state.name != "stopped":
+                raise err("IncorrectInstanceState",
+                          f"The instance '{iid}' is not in a state from which it can be started.")
+        res = orig["start_instances"](self, instance_ids)
+        for mi, _ in res:
+            sim.start(mi)
+        return res
+
+    # --- volumes ------------------------------------------------------------
+    def create_volume(self, size, zone_name, snapshot_id=None, *a, **kw):
+        if is_internal():
+            return orig["create_volume"](self, size, zone_name, snapshot_id, *a, **kw)
+        zones = {z.name for z in self.describe_availability_zones()}
+        if zone_name not in zones:
+            raise err("InvalidParameterValue", f"Invalid availability zone: [{zone_name}]")
+        if snapshot_id:
+            snap = self.get_snapshot(snapshot_id)
+            if getattr(snap, "status", "completed") != "completed":
+                raise err("IncorrectState", f"Snapshot '{snapshot_id}' is not 'completed'.")
+            if size is not None and int(size) < snap.volume.size:
+                raise err("InvalidParameterValue",
+                          f"Volume of size {size} is smaller than snapshot '{snapshot_id}', "
+                          f"expect size >= {snap.volume.size}")
+        if size is not None and not 1 <= int(size) <= 16384:
+            raise err("InvalidParameterValue",
+                      f"Volume of {size}GiB is too large or too small; expected 1-16384.")
+        vol = orig["create_volume"](self, size, zone_name, snapshot_id, *a, **kw)
+        sim.created(vol, snapshot_id)
+        return vol
+
+    def delete_volume(self, volume_id):
+        if is_internal():
+            return orig["delete_volume"](self, volume_id)
+        vol = self.get_volume(volume_id)
+        if vol.attachment:
+            raise err("VolumeInUse", f"Volume {volume_id} is currently attached to "
+                      f"{vol.attachment.instance.id}")
+        res = orig["delete_volume"](self, volume_id)
+        sim.deleted(volume_id)
+        return res
+
+    def attach_volume(self, volume_id, instance_id, device_path, delete_on_termination=False):
+        if is_internal():
+            return orig["attach_volume"](self, volume_id, instance_id, device_path,
+                                         delete_on_termination)
+        vol = self.get_volume(volume_id)
+        mi = self.get_instance(instance_id)
+        if not device_path or not DEVICE_RE.match(device_path):
+            raise err("InvalidParameterValue", f"Value ({device_path}) for parameter device is "
+                      f"invalid. {device_path} is not a valid EBS device name.")
+        if vol.attachment:
+            raise err("VolumeInUse", f"{volume_id} is already attached to an instance")
+        if vol.status != "available":
+            raise err("IncorrectState", f"vol '{volume_id}' is not 'available'.")
+        if mi._state.name != "running":
+            raise err("IncorrectState", f"Instance '{instance_id}' is not 'running'.")
+        if vol.zone.name != mi._placement.zone:
+            raise err("InvalidVolume.ZoneMismatch", f"The volume '{volume_id}' is not in the "
+                      f"same availability zone as instance '{instance_id}'")
+        used = set(mi.block_device_mapping) | {
+            v.attachment.device for v in self.volumes.values()
+            if v.attachment and v.attachment.instance is mi}
+        if device_path in used:
+            raise err("InvalidParameterValue", f"Invalid value '{device_path}' for unixDevice. "
+                      f"Attachment point {device_path} is already in use")
+        att = orig["attach_volume"](self, volume_id, instance_id, device_path,
+                                    delete_on_termination)
+        sim.attach(vol, mi, att)
+        return att
+
+    def detach_volume(self, volume_id, instance_id=None, device_path=None, *a, **kw):
+        if is_internal():
+            return orig["detach_volume"](self, volume_id, instance_id, device_path)
+        vol = self.get_volume(volume_id)
+        att = vol.attachment
+        if att is None:
+            raise err("IncorrectState", f"Volume '{volume_id}' is in the 'available' state.")
+        if instance_id and att.instance.id != instance_id:
+            raise err("InvalidAttachment.NotFound", f"The volume '{volume_id}' is not "
+                      f"attached to instance '{instance_id}'")
+        if att.status == "detaching":
+            raise err("IncorrectState", f"Volume '{volume_id}' is already detaching.")
+        if device_path and device_path != att.device:
+            raise err("InvalidAttachment.NotFound", f"The volume '{volume_id}' is not "
+                      f"attached at '{device_path}'")
+        mi = att.instance
+        res = orig["detach_volume"](self, volume_id, mi.id, att.device)
+        sim.detach(vol, mi, res)
+        return res
+
+    # --- snapshots ----------------------------------------------------------
+    def create_snapshot(self, volume_id, description, *a, **kw):
+        snap = orig["create_snapshot"](self, volume_id, description, *a, **kw)
+        if not is_internal():
+            sim.snapshot(self.get_volume(volume_id), snap)
+        return snap
+
+    def delete_snapshot(self, snapshot_id):
+        res = orig["delete_snapshot"](self, snapshot_id)
+        try:
+            import os
+            os.unlink(sim.snap_file(snapshot_id))
+        except OSError:
+            pass
+        return res
+
+    for name, fn in list(locals().items()):
+        if name in orig:
+            setattr(EC2Backend, name, fn)
+
+    # The backend's constructor makes volumes and snapshots for its ~1300 AMIs: internal too.
+    orig_init = EC2Backend.__init__
+
+    def backend_init(self, *a, **kw):
+        with internal():
+            orig_init(self, *a, **kw)
+    EC2Backend.__init__ = backend_init
+
+    # --- console: the host-key block cloud-init prints -----------------------
+    def get_console_output(self):
+        iid = self._get_param("InstanceId")
+        self.ec2_backend.get_instance(iid)  # InvalidInstanceID.NotFound as EC2
+        text = sim.console(iid)
+        return ActionResult({"InstanceId": iid, "Timestamp": utcnow(),
+                             "Output": Base64EncodedString.from_raw_string(text)})
+    General.get_console_output = get_console_output

@@ -1,0 +1,102 @@
+"""Fault switches: API errors, boot and attach delays, never-boot, shaped link, killed sessions."""
+import subprocess
+import time
+
+import boto3
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+
+def test_api_fault_count_consumed(sim):
+    sim.run("fault", "api", "DescribeVolumes", "InternalError", "2")
+    sim.status()  # the status command must not consume armed faults
+    for _ in range(2):
+        with pytest.raises(ClientError) as e:
+            sim.ec2.describe_volumes()
+        assert e.value.response["Error"]["Code"] == "InternalError"
+        assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 500
+    sim.ec2.describe_volumes()
+    sim.run("fault", "api", "RunInstances", "InsufficientInstanceCapacity", "1")
+    with pytest.raises(ClientError) as e:
+        sim.launch("t3.nano", wait=False)
+    assert e.value.response["Error"]["Code"] == "InsufficientInstanceCapacity"
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+
+
+def test_throttling_is_retried_by_sdk(sim):
+    sim.run("fault", "api", "DescribeInstances", "RequestLimitExceeded", "2")
+    ex = sim.exports
+    c = boto3.client("ec2", endpoint_url=ex["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                     aws_access_key_id="x", aws_secret_access_key="y",
+                     config=Config(retries={"mode": "standard", "max_attempts": 5}))
+    t = time.time()
+    c.describe_instances()
+    # Two throttled attempts were spent before the third succeeded.
+    with pytest.raises(ClientError):  # nothing left armed: a 1-attempt client now succeeds
+        sim.run("fault", "api", "DescribeInstances", "RequestLimitExceeded", "1")
+        sim.ec2.describe_instances()
+    sim.ec2.describe_instances()
+    assert time.time() - t < 30
+
+
+def test_boot_delay_and_never_boot(sim):
+    sim.run("fault", "boot-delay", "1.5")
+    t = time.time()
+    inst = sim.launch("t3.nano", wait=False)
+    assert inst["State"]["Name"] == "pending"
+    inst = sim.wait_instance(inst["InstanceId"])
+    assert time.time() - t >= 1.4
+    sim.run("fault", "clear")
+    sim.run("fault", "never-boot")
+    dead = sim.launch("t3.nano")
+    r = subprocess.run(["ssh", "-i", sim.key, "-o", "BatchMode=yes", "-o", "ConnectTimeout=2",
+                        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                        f"ec2-user@{dead['PublicIpAddress']}", "true"], capture_output=True)
+    assert r.returncode == 255
+    ok = sim.launch("t3.nano")  # only the next one: this one boots
+    sim.ssh(ok, "true")
+    sim.ec2.terminate_instances(InstanceIds=[dead["InstanceId"], ok["InstanceId"],
+                                            inst["InstanceId"]])
+
+
+def test_attach_delay(sim):
+    inst = sim.launch("t3.nano")
+    vid = sim.ec2.create_volume(AvailabilityZone="us-east-1a", Size=1)["VolumeId"]
+    sim.wait_volume(vid, "available")
+    sim.run("fault", "attach-delay", "1.2")
+    t = time.time()
+    sim.ec2.attach_volume(VolumeId=vid, InstanceId=inst["InstanceId"], Device="/dev/sdf")
+    sim.wait_volume(vid, "in-use")
+    assert time.time() - t >= 1.1
+    sim.run("fault", "clear")
+
+
+def test_link_shaping(sim):
+    inst = sim.launch("t3.nano")
+    sim.ssh(inst, "true")
+
+    def pull(mb):
+        t = time.time()
+        sim.ssh(inst, f"head -c {mb}M /dev/zero", timeout=60)
+        return time.time() - t
+
+    fast = pull(2)
+    sim.run("fault", "link", "8", "20")  # 8 Mbit/s: 2 MiB needs >= 2 s
+    slow = pull(2)
+    assert slow >= 2.0 and slow > fast
+    sim.run("fault", "clear")
+    assert pull(2) < slow
+
+
+def test_kill_sessions(sim):
+    inst = sim.launch("t3.nano")
+    known = sim.known_hosts(inst["InstanceId"], inst["PublicIpAddress"])
+    p = subprocess.Popen(["ssh", "-i", sim.key, "-o", f"UserKnownHostsFile={known}",
+                          "-o", "BatchMode=yes", f"ec2-user@{inst['PublicIpAddress']}",
+                          "sleep 30"])
+    time.sleep(1.0)
+    assert p.poll() is None
+    sim.run("kill-sessions")
+    assert p.wait(timeout=10) == 255
+    sim.ssh(inst, "true", known=known)  # the listener survives

@@ -1,0 +1,76 @@
+//! The command line, as `ec2-backup [-h] [-m method] [-v volume-id] dir`.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+const ABOUT: &str = "Back up a directory into an Amazon EBS volume.
+
+ec2-backup makes a volume (or reuses the one given with -v), lends it to a short-lived EC2 \
+helper instance, streams the directory onto it over ssh, terminates the helper and prints \
+the volume ID on stdout. Nothing else is ever printed on stdout.";
+
+const AFTER: &str = "Methods:
+  dd      the directory becomes a tar archive written raw at byte 0 of the volume
+          (read it back with: dd if=DEVICE | tar -t)
+  rsync   the directory is mirrored onto an ext4 filesystem on the volume (made if the
+          volume has none); reusing a volume with -v is incremental and mirrors deletions
+
+Environment:
+  EC2_BACKUP_FLAGS_AWS     extra helper launch flags in `aws ec2 run-instances` spelling:
+                           --instance-type --key-name --subnet-id --security-group-ids
+                           --iam-instance-profile --image-id
+  EC2_BACKUP_FLAGS_SSH     extra flags for every ssh (and rsync's ssh), e.g. -i ~/.ssh/other
+  EC2_BACKUP_VERBOSE       when set, report each step on stderr
+  EC2_BACKUP_BOOT_TIMEOUT  seconds the helper may take to accept ssh (default 300)
+  AWS_PROFILE, AWS_REGION, AWS_ENDPOINT_URL, ...  the standard AWS configuration
+
+Exit status: 0 done; 1 failed (cleaned up); 2 bad input (nothing created);
+3 some files unreadable (the rest is on the printed volume); 4 cleanup incomplete;
+128+N interrupted by signal N.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ec2-backup",
+    version,
+    about = ABOUT,
+    after_help = AFTER,
+    disable_version_flag = true
+)]
+pub struct Cli {
+    /// Backup method: dd (default) or rsync
+    #[arg(short = 'm', value_name = "method", default_value = "dd")]
+    pub method: String,
+
+    /// Back up into this existing volume instead of creating one
+    #[arg(short = 'v', value_name = "volume-id")]
+    pub volume: Option<String>,
+
+    /// The directory to back up
+    #[arg(value_name = "dir")]
+    pub dir: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_the_classic_line() {
+        let c =
+            Cli::try_parse_from(["ec2-backup", "-m", "rsync", "-v", "vol-1a2b3c4d", "."]).unwrap();
+        assert_eq!(c.method, "rsync");
+        assert_eq!(c.volume.as_deref(), Some("vol-1a2b3c4d"));
+        assert_eq!(c.dir, PathBuf::from("."));
+        let c = Cli::try_parse_from(["ec2-backup", "/"]).unwrap();
+        assert_eq!(c.method, "dd");
+        assert!(Cli::try_parse_from(["ec2-backup"]).is_err());
+        assert!(Cli::try_parse_from(["ec2-backup", "-x", "."]).is_err());
+    }
+}

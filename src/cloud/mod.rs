@@ -1,0 +1,114 @@
+//! The cloud, behind a narrow trait: everything ec2-backup asks of EC2 and SSM. The real
+//! implementation is [`aws::AwsCloud`]; tests can wrap it to inject failures.
+
+pub mod aws;
+pub mod wait;
+
+use thiserror::Error;
+
+/// A failed cloud call, with the action and EC2's own error code when there is one.
+#[derive(Debug, Error, Clone)]
+#[error("{action} failed: {message}")]
+pub struct CloudError {
+    pub action: &'static str,
+    pub code: Option<String>,
+    pub message: String,
+}
+
+impl CloudError {
+    pub fn new(action: &'static str, message: impl Into<String>) -> Self {
+        CloudError {
+            action,
+            code: None,
+            message: message.into(),
+        }
+    }
+}
+
+pub type CloudResult<T> = Result<T, CloudError>;
+
+/// A tag as a key/value pair; every resource a run creates carries the run's tags.
+pub type Tags = Vec<(String, String)>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    pub instance: String,
+    pub device: String,
+    pub state: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    pub id: String,
+    pub state: String,
+    pub size_gib: i32,
+    pub zone: String,
+    pub attachments: Vec<Attachment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub id: String,
+    pub state: String,
+    pub zone: String,
+    /// The address to reach it by: the public one if it has one, else the private one.
+    pub address: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LaunchRequest {
+    pub image_id: String,
+    pub instance_type: String,
+    pub key_name: String,
+    pub zone: String,
+    pub subnet_id: Option<String>,
+    pub security_group_ids: Vec<String>,
+    pub iam_instance_profile: Option<String>,
+    /// Cloud-config text (the SDK call encodes it).
+    pub user_data: String,
+    pub tags: Tags,
+}
+
+/// CPU architecture of an instance type, as EC2 and the Amazon Linux parameters spell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    X86_64,
+    Arm64,
+}
+
+impl Arch {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+}
+
+/// What ec2-backup needs of EC2. Calls are made from one task, so the futures need not be Send.
+#[allow(async_fn_in_trait)]
+pub trait Cloud {
+    async fn describe_volume(&self, id: &str) -> CloudResult<Option<Volume>>;
+    async fn create_volume(&self, zone: &str, size_gib: i32, tags: &Tags) -> CloudResult<String>;
+    async fn delete_volume(&self, id: &str) -> CloudResult<()>;
+    async fn attach_volume(&self, volume: &str, instance: &str, device: &str) -> CloudResult<()>;
+    async fn detach_volume(&self, volume: &str, instance: &str) -> CloudResult<()>;
+    async fn create_tags(&self, id: &str, tags: &Tags) -> CloudResult<()>;
+
+    async fn run_instance(&self, request: &LaunchRequest) -> CloudResult<String>;
+    async fn describe_instance(&self, id: &str) -> CloudResult<Option<Instance>>;
+    async fn terminate_instance(&self, id: &str) -> CloudResult<()>;
+
+    async fn key_pair_exists(&self, name: &str) -> CloudResult<bool>;
+    /// Creates a key pair and returns its private key (PEM).
+    async fn create_key_pair(&self, name: &str, tags: &Tags) -> CloudResult<String>;
+    async fn import_key_pair(&self, name: &str, public_key: &str, tags: &Tags) -> CloudResult<()>;
+    async fn delete_key_pair(&self, name: &str) -> CloudResult<()>;
+
+    /// The current Amazon Linux image for this architecture in the client's region.
+    async fn current_image(&self, arch: Arch) -> CloudResult<String>;
+    async fn instance_arch(&self, instance_type: &str) -> CloudResult<Arch>;
+    /// Zones (sorted) where this instance type can be launched.
+    async fn zones_for(&self, instance_type: &str) -> CloudResult<Vec<String>>;
+    async fn subnet_zone(&self, subnet_id: &str) -> CloudResult<String>;
+}

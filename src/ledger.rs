@@ -1,0 +1,166 @@
+//! The undo ledger: every resource a run makes is recorded the moment it exists, and unwound
+//! in reverse when the run fails or is interrupted. A finished run takes out what it keeps
+//! (its volume, the key pair) and unwinds the rest the same way, so there is one teardown.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::cloud::{wait, Cloud};
+use crate::method::rsync;
+use crate::report::Reporter;
+use crate::ssh::Session;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resource {
+    /// A key pair this run created or imported, and the private key file it saved.
+    KeyPair {
+        name: String,
+        file: Option<PathBuf>,
+    },
+    Instance(String),
+    /// A volume this run created (deleted on failure). A user's volume is never recorded.
+    Volume(String),
+    Attachment {
+        volume: String,
+        instance: String,
+    },
+    /// The volume's filesystem is mounted on the helper.
+    Mount,
+}
+
+#[derive(Debug, Default)]
+pub struct Ledger {
+    items: Mutex<Vec<Resource>>,
+}
+
+impl Ledger {
+    pub fn record(&self, r: Resource) {
+        self.lock().push(r);
+    }
+
+    /// Takes a resource out: it was released normally, or it is kept.
+    pub fn forget(&self, r: &Resource) {
+        self.lock().retain(|x| x != r);
+    }
+
+    pub fn snapshot(&self) -> Vec<Resource> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Resource>> {
+        // A panic elsewhere must not stop the cleanup: the list itself is always whole.
+        self.items.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Unwinds everything recorded, newest first, and returns what could not be removed
+    /// (as sentences naming the resource). Every step is attempted whatever failed before.
+    pub async fn unwind<C: Cloud>(
+        &self,
+        cloud: &C,
+        ssh: Option<&Session>,
+        report: &Reporter,
+    ) -> Vec<String> {
+        let mut left = Vec::new();
+        let items: Vec<Resource> = self.snapshot().into_iter().rev().collect();
+        let deleting_volume = items.iter().any(|r| matches!(r, Resource::Volume(_)));
+        for item in items {
+            match &item {
+                Resource::Mount => {
+                    if let Some(ssh) = ssh {
+                        report.step("unmounting the volume on the helper");
+                        let done =
+                            tokio::time::timeout(Duration::from_secs(60), rsync::unmount(ssh))
+                                .await;
+                        if !matches!(done, Ok(Ok(()))) {
+                            report.step(
+                                "could not unmount cleanly; terminating the helper detaches it",
+                            );
+                        }
+                    }
+                }
+                Resource::Attachment { volume, instance } => {
+                    report.step(&format!("detaching {volume} from {instance}"));
+                    let detached = match cloud.detach_volume(volume, instance).await {
+                        Ok(()) => wait::volume_state(
+                            cloud,
+                            volume,
+                            "available",
+                            None,
+                            Duration::from_secs(120),
+                        )
+                        .await
+                        .map(|_| ()),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = detached {
+                        report.step(&format!("{e}; terminating the helper detaches it"));
+                    }
+                }
+                Resource::Instance(id) => {
+                    report.step(&format!("terminating the helper instance {id}"));
+                    if let Err(e) = cloud.terminate_instance(id).await {
+                        left.push(format!("the helper instance {id} is still running ({e})"));
+                        continue;
+                    }
+                    if deleting_volume {
+                        if let Err(e) =
+                            wait::instance_terminated(cloud, id, Duration::from_secs(300)).await
+                        {
+                            report.step(&e.to_string());
+                        }
+                    }
+                }
+                Resource::Volume(id) => {
+                    report.step(&format!("deleting the volume {id} this run created"));
+                    let deleted = match wait::volume_state(
+                        cloud,
+                        id,
+                        "available",
+                        None,
+                        Duration::from_secs(300),
+                    )
+                    .await
+                    {
+                        Ok(_) => cloud.delete_volume(id).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = deleted {
+                        left.push(format!("the volume {id} could not be deleted ({e})"));
+                        continue;
+                    }
+                }
+                Resource::KeyPair { name, file } => {
+                    report.step(&format!("deleting the key pair {name} this run created"));
+                    if let Err(e) = cloud.delete_key_pair(name).await {
+                        left.push(format!("the key pair {name} could not be deleted ({e})"));
+                        continue;
+                    }
+                    if let Some(f) = file {
+                        let _ = std::fs::remove_file(f);
+                    }
+                }
+            }
+            self.forget(&item);
+        }
+        left
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forget_removes_only_that_resource() {
+        let l = Ledger::default();
+        l.record(Resource::Instance("i-1".into()));
+        l.record(Resource::Volume("vol-1".into()));
+        l.record(Resource::Mount);
+        l.forget(&Resource::Volume("vol-1".into()));
+        assert_eq!(
+            l.snapshot(),
+            vec![Resource::Instance("i-1".into()), Resource::Mount]
+        );
+    }
+}

@@ -1,0 +1,87 @@
+//! The ec2-backup binary: parse, run, report one line, exit.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::error::ErrorKind;
+use clap::Parser;
+use ec2_backup::cli::Cli;
+use ec2_backup::error::{exit, sentence, Error};
+use ec2_backup::prepare::Options;
+use ec2_backup::run;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            return fail(
+                &format!("{first}; run 'ec2-backup -h' for usage"),
+                exit::INPUT,
+            );
+        }
+    };
+    let options = match Options::new(&cli.method, cli.volume, cli.dir) {
+        Ok(o) => o,
+        Err(e) => return fail(&e.to_string(), e.exit_code()),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            return fail(
+                &format!("cannot start the async runtime: {e}"),
+                exit::FAILED,
+            )
+        }
+    };
+    match runtime.block_on(run::run(options)) {
+        Ok(outcome) => {
+            let mut out = std::io::stdout().lock();
+            if writeln!(out, "{}", outcome.volume_id)
+                .and_then(|_| out.flush())
+                .is_err()
+            {
+                return ExitCode::from(exit::FAILED as u8);
+            }
+            if outcome.transfer.incomplete {
+                return fail(
+                    &format!(
+                        "some files could not be read (named above); everything else is on {}",
+                        outcome.volume_id
+                    ),
+                    exit::INCOMPLETE,
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(failure) => {
+            let code = if failure.leftovers.is_empty() {
+                failure.error.exit_code()
+            } else {
+                exit::LEFTOVERS
+            };
+            let mut message = failure.error.to_string();
+            if matches!(failure.error, Error::Interrupted { .. }) && failure.leftovers.is_empty() {
+                message.push_str("; everything this run created was removed");
+            }
+            if !failure.leftovers.is_empty() {
+                message = format!(
+                    "{message}; cleanup could not finish: {}; remove them by hand (see 'ec2-backup -h')",
+                    failure.leftovers.join(", ")
+                );
+            }
+            fail(&message, code)
+        }
+    }
+}
+
+fn fail(message: &str, code: i32) -> ExitCode {
+    eprintln!("ec2-backup: {}", sentence(message));
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}

@@ -1,0 +1,79 @@
+//! The two ways a directory reaches the volume: `dd` (a tar archive written raw at byte 0)
+//! and `rsync` (a mirror on a filesystem).
+
+pub mod dd;
+pub mod rsync;
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+use crate::ssh::SshError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Dd,
+    Rsync,
+}
+
+impl Method {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "dd" => Some(Method::Dd),
+            "rsync" => Some(Method::Rsync),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Dd => "dd",
+            Method::Rsync => "rsync",
+        }
+    }
+
+    /// Whether the volume carries a filesystem (and so has room taken by it).
+    pub fn uses_filesystem(self) -> bool {
+        self == Method::Rsync
+    }
+}
+
+/// What a transfer did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Transfer {
+    /// Bytes written to the volume (dd: the archive's length).
+    pub bytes: u64,
+    /// SHA-256 of those bytes, hex, when the method streams a single archive.
+    pub sha256: Option<String>,
+    /// Some files could not be read: the backup holds everything else.
+    pub incomplete: bool,
+}
+
+/// Where the transfer gets its data and what it leaves out.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub dir: PathBuf,
+    /// Pseudo-filesystem mount points (relative, `/`-separated) whose contents are skipped.
+    pub skip_contents_of: Vec<String>,
+}
+
+#[derive(Debug, Error)]
+pub enum MethodError {
+    #[error(transparent)]
+    Ssh(#[from] SshError),
+    #[error("could not run {program}: {source}")]
+    Spawn {
+        program: &'static str,
+        source: std::io::Error,
+    },
+    #[error("the transfer to the helper instance was cut: {0}")]
+    Cut(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("the volume does not hold what was sent: the local archive's SHA-256 is {local} but the helper wrote {remote}")]
+    Mismatch { local: String, remote: String },
+    #[error("the volume {0} holds a dd backup (a tar archive) and no filesystem; refusing to format it for rsync (restore it first, or pick another volume)")]
+    HoldsArchive(String),
+    #[error("the volume {0} has a partition table; refusing to format or write it")]
+    Partitioned(String),
+}

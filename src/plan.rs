@@ -1,0 +1,293 @@
+//! Planning: what the directory holds and how big a volume it needs, decided before anything
+//! is created in the cloud.
+//!
+//! The walk is the tool's own (no `du`): it never follows symlinks, counts hard-linked files
+//! once, counts sparse files by the blocks they really use, and does not descend into
+//! pseudo-filesystems (proc, sysfs, tmpfs, ...) mounted below the directory, which are also
+//! excluded from the transfer.
+
+use std::collections::HashSet;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+pub const GIB: u64 = 1 << 30;
+
+#[derive(Debug, Error)]
+pub enum PlanError {
+    #[error("the directory {0} does not exist")]
+    Missing(PathBuf),
+    #[error("{0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("the directory {path} cannot be read: {source}")]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What the sizing walk found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Inventory {
+    /// Entries of any type (files, directories, links, ...), the root included.
+    pub entries: u64,
+    /// Bytes of file data, sparse holes and repeated hard links left out.
+    pub data_bytes: u64,
+    /// A conservative estimate of the space the backup takes on the volume, in either
+    /// format: data rounded up to 4 KiB blocks plus 1 KiB of metadata per entry.
+    pub footprint: u64,
+    /// Paths (relative to the directory, `/`-separated) of pseudo-filesystem mount points
+    /// whose contents are not backed up.
+    pub pseudo_mounts: Vec<String>,
+    /// Paths the walk could not read; the transfer will report them too.
+    pub unreadable: Vec<PathBuf>,
+}
+
+/// Filesystem types whose contents are not data worth backing up.
+const PSEUDO_FS: &[&str] = &[
+    "proc",
+    "sysfs",
+    "devtmpfs",
+    "devpts",
+    "tmpfs",
+    "ramfs",
+    "cgroup",
+    "cgroup2",
+    "securityfs",
+    "debugfs",
+    "tracefs",
+    "pstore",
+    "bpf",
+    "mqueue",
+    "hugetlbfs",
+    "configfs",
+    "fusectl",
+    "autofs",
+    "binfmt_misc",
+    "efivarfs",
+    "nsfs",
+    "rpc_pipefs",
+    "selinuxfs",
+];
+
+/// Checks that `dir` is a readable directory and returns its canonical path.
+pub fn check_dir(dir: &Path) -> Result<PathBuf, PlanError> {
+    let meta = fs::metadata(dir).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => PlanError::Missing(dir.to_path_buf()),
+        _ => PlanError::Unreadable {
+            path: dir.to_path_buf(),
+            source: e,
+        },
+    })?;
+    if !meta.is_dir() {
+        return Err(PlanError::NotADirectory(dir.to_path_buf()));
+    }
+    fs::read_dir(dir).map_err(|e| PlanError::Unreadable {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    fs::canonicalize(dir).map_err(|e| PlanError::Unreadable {
+        path: dir.to_path_buf(),
+        source: e,
+    })
+}
+
+/// The volume size, in GiB, for a backup of this footprint: at least twice it, at least 1.
+pub fn volume_gib(footprint: u64) -> i32 {
+    let gib = (footprint.saturating_mul(2)).div_ceil(GIB).max(1);
+    i32::try_from(gib).unwrap_or(i32::MAX)
+}
+
+/// Whether an existing volume of `size_gib` can hold this backup.
+pub fn fits(footprint: u64, size_gib: i32, filesystem: bool) -> bool {
+    let capacity = u64::try_from(size_gib).unwrap_or(0) * GIB;
+    // ext4 keeps about 5% for its own structures and the journal; a raw tar has no overhead.
+    let usable = if filesystem {
+        capacity / 100 * 95
+    } else {
+        capacity
+    };
+    footprint <= usable
+}
+
+/// Walks `root` (canonical) and sums what a backup of it holds.
+pub fn inventory(root: &Path) -> Inventory {
+    let pseudo: HashSet<PathBuf> = pseudo_mounts_below(root).into_iter().collect();
+    let mut inv = Inventory::default();
+    let mut seen_links: HashSet<(u64, u64)> = HashSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    inv.entries = 1;
+    inv.footprint = 1024;
+    while let Some(dir) = stack.pop() {
+        let reader = match fs::read_dir(&dir) {
+            Ok(r) => r,
+            Err(_) => {
+                inv.unreadable.push(dir);
+                continue;
+            }
+        };
+        for entry in reader {
+            let Ok(entry) = entry else {
+                inv.unreadable.push(dir.clone());
+                continue;
+            };
+            let Ok(meta) = entry.metadata() else {
+                inv.unreadable.push(entry.path());
+                continue;
+            };
+            inv.entries += 1;
+            inv.footprint += 1024;
+            let path = entry.path();
+            if meta.is_dir() {
+                if pseudo.contains(&path) {
+                    inv.pseudo_mounts.push(relative(root, &path));
+                } else {
+                    stack.push(path);
+                }
+            } else if meta.is_file() {
+                if meta.nlink() > 1 && !seen_links.insert((meta.dev(), meta.ino())) {
+                    continue;
+                }
+                let used = (meta.blocks() * 512).min(meta.len());
+                inv.data_bytes += used;
+                inv.footprint += used.div_ceil(4096) * 4096;
+            }
+        }
+    }
+    inv.pseudo_mounts.sort();
+    inv
+}
+
+fn relative(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Mount points of pseudo-filesystems strictly below `root`, from /proc/self/mountinfo.
+fn pseudo_mounts_below(root: &Path) -> Vec<PathBuf> {
+    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    parse_mountinfo(&text)
+        .into_iter()
+        .filter(|(point, fstype)| {
+            PSEUDO_FS.contains(&fstype.as_str()) && point != root && point.starts_with(root)
+        })
+        .map(|(point, _)| point)
+        .collect()
+}
+
+/// (mount point, filesystem type) pairs of a mountinfo text, with its octal escapes undone.
+fn parse_mountinfo(text: &str) -> Vec<(PathBuf, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let sep = fields.iter().position(|f| *f == "-")?;
+            let point = fields.get(4)?;
+            let fstype = fields.get(sep + 1)?;
+            Some((PathBuf::from(unescape_octal(point)), fstype.to_string()))
+        })
+        .collect()
+}
+
+fn unescape_octal(s: &str) -> std::ffi::OsString {
+    use std::os::unix::ffi::OsStringExt;
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let digits = bytes
+            .get(i + 1..i + 4)
+            .and_then(|d| std::str::from_utf8(d).ok());
+        if bytes[i] == b'\\' {
+            if let Some(Ok(v)) = digits.map(|d| u8::from_str_radix(d, 8)) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    std::ffi::OsString::from_vec(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn sizes_round_up_to_whole_gib_at_least_one() {
+        assert_eq!(volume_gib(0), 1);
+        assert_eq!(volume_gib(GIB / 2), 1);
+        assert_eq!(volume_gib(GIB / 2 + 1), 2);
+        assert_eq!(volume_gib(3 * GIB), 6);
+    }
+
+    #[test]
+    fn fit_leaves_room_for_the_filesystem() {
+        assert!(fits(GIB, 1, false));
+        assert!(!fits(GIB, 1, true));
+        assert!(fits(GIB / 2, 1, true));
+        assert!(!fits(GIB + 1, 1, false));
+    }
+
+    #[test]
+    fn mountinfo_parsing_unescapes_and_finds_types() {
+        let text = "22 1 0:21 / /proc rw,nosuid - proc proc rw\n\
+                    30 1 8:1 / /mnt/with\\040space rw - ext4 /dev/sda1 rw\n\
+                    31 1 0:5 / /run shared:1 master:2 - tmpfs tmpfs rw\n";
+        let got = parse_mountinfo(text);
+        assert_eq!(
+            got,
+            vec![
+                (PathBuf::from("/proc"), "proc".to_string()),
+                (PathBuf::from("/mnt/with space"), "ext4".to_string()),
+                (PathBuf::from("/run"), "tmpfs".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn inventory_counts_hard_links_once_and_skips_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::write(root.join("a"), vec![1u8; 10_000]).unwrap();
+        fs::hard_link(root.join("a"), root.join("b")).unwrap();
+        symlink("/usr", root.join("link")).unwrap();
+        fs::create_dir(root.join("sub")).unwrap();
+        fs::write(root.join("sub/c"), b"hello").unwrap();
+        let inv = inventory(&fs::canonicalize(root).unwrap());
+        assert_eq!(inv.entries, 6);
+        assert_eq!(inv.data_bytes, 10_000 + 5);
+        assert_eq!(inv.footprint, 6 * 1024 + 12_288 + 4096);
+        assert!(inv.unreadable.is_empty());
+    }
+
+    #[test]
+    fn inventory_counts_sparse_files_by_used_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = fs::File::create(dir.path().join("sparse")).unwrap();
+        f.set_len(1 << 30).unwrap();
+        let inv = inventory(&fs::canonicalize(dir.path()).unwrap());
+        assert!(inv.data_bytes < 1 << 20, "{}", inv.data_bytes);
+    }
+
+    #[test]
+    fn check_dir_errors_name_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        fs::write(&file, b"x").unwrap();
+        assert!(matches!(check_dir(&file), Err(PlanError::NotADirectory(_))));
+        assert!(matches!(
+            check_dir(&dir.path().join("nope")),
+            Err(PlanError::Missing(_))
+        ));
+        assert!(check_dir(dir.path()).is_ok());
+    }
+}

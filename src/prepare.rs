@@ -1,0 +1,305 @@
+//! Everything decided before anything is created: the options from the command line and
+//! environment, the directory's inventory, and the cloud lookups that can still refuse the
+//! run (volume, zone, instance type, image, key pair). Bad input fails here, with nothing made.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::cloud::{Arch, Cloud, Volume};
+use crate::error::Error;
+use crate::flags::{LaunchFlags, SshFlags};
+use crate::keys::{self, KeyPlan, DEFAULT_KEY_NAME};
+use crate::method::Method;
+use crate::plan::{self, Inventory};
+use crate::report::Reporter;
+
+/// The default helper: small, cheap, current, Nitro, x86_64.
+pub const DEFAULT_INSTANCE_TYPE: &str = "t3.micro";
+
+/// What the user asked for, read from the command line and the environment.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub method: Method,
+    pub volume: Option<String>,
+    pub dir: PathBuf,
+    pub launch: LaunchFlags,
+    pub ssh: SshFlags,
+    pub home: PathBuf,
+    pub verbose: bool,
+    /// How long the helper may take to accept ssh after it is running.
+    pub boot_timeout: Duration,
+}
+
+impl Options {
+    /// Builds the options from the parsed command line and the process environment.
+    pub fn new(method: &str, volume: Option<String>, dir: PathBuf) -> Result<Self, Error> {
+        let method = Method::parse(method).ok_or_else(|| {
+            Error::Usage(format!("unknown method '{method}': use -m dd or -m rsync"))
+        })?;
+        if let Some(v) = &volume {
+            if !valid_volume_id(v) {
+                return Err(Error::Usage(format!(
+                    "'{v}' is not a volume ID (they look like vol-0123456789abcdef0)"
+                )));
+            }
+        }
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .ok_or_else(|| Error::Usage("HOME is not set, so ~/.ssh cannot be found".into()))?;
+        let env = |name: &str| std::env::var(name).unwrap_or_default();
+        let launch = LaunchFlags::parse(&env("EC2_BACKUP_FLAGS_AWS"))?;
+        let ssh = SshFlags::parse(&env("EC2_BACKUP_FLAGS_SSH"), &home)?;
+        let boot_timeout = match std::env::var("EC2_BACKUP_BOOT_TIMEOUT") {
+            Ok(s) => Duration::from_secs(s.trim().parse().map_err(|_| {
+                Error::Usage(format!(
+                    "EC2_BACKUP_BOOT_TIMEOUT must be a whole number of seconds, not '{s}'"
+                ))
+            })?),
+            Err(_) => Duration::from_secs(300),
+        };
+        Ok(Options {
+            method,
+            volume,
+            dir,
+            launch,
+            ssh,
+            home,
+            verbose: std::env::var_os("EC2_BACKUP_VERBOSE").is_some_and(|v| !v.is_empty()),
+            boot_timeout,
+        })
+    }
+}
+
+/// `vol-` and 8 or 17 lowercase hex digits, as EC2 makes them.
+pub fn valid_volume_id(id: &str) -> bool {
+    id.strip_prefix("vol-").is_some_and(|hex| {
+        (hex.len() == 8 || hex.len() == 17)
+            && hex
+                .chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    })
+}
+
+/// The decided run: nothing of it exists yet.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub dir: PathBuf,
+    pub inventory: Inventory,
+    /// The user's volume (`-v`), already checked.
+    pub existing_volume: Option<Volume>,
+    /// Size of the volume to create when there is no `-v`.
+    pub new_volume_gib: i32,
+    pub zone: String,
+    pub instance_type: String,
+    pub image_id: String,
+    pub key_name: String,
+    pub key: KeyPlan,
+    /// Public keys of identities named in EC2_BACKUP_FLAGS_SSH, given to the helper.
+    pub extra_authorized_keys: Vec<String>,
+}
+
+/// What is known before any cloud call: the directory, its inventory, and the public keys of
+/// the identities the ssh flags name.
+#[derive(Debug, Clone)]
+pub struct Local {
+    pub dir: PathBuf,
+    pub inventory: Inventory,
+    pub extra_authorized_keys: Vec<String>,
+}
+
+/// Checks the directory and what can be checked locally, before any cloud call.
+pub fn check_local(options: &Options, report: &Reporter) -> Result<Local, Error> {
+    let dir = plan::check_dir(&options.dir)?;
+    let mut extra = Vec::new();
+    for identity in options.ssh.identities() {
+        if !identity.is_file() {
+            return Err(Error::Usage(format!(
+                "EC2_BACKUP_FLAGS_SSH names the identity {}, which does not exist",
+                identity.display()
+            )));
+        }
+        match keys::public_half(&identity) {
+            Ok(k) => extra.push(k),
+            Err(e) => report.warn(&format!("{e}; the helper will not know this identity")),
+        }
+    }
+    report.step(&format!("sizing {}", dir.display()));
+    let inventory = plan::inventory(&dir);
+    report.step(&format!(
+        "{} entries, {} bytes of data",
+        inventory.entries, inventory.data_bytes
+    ));
+    Ok(Local {
+        dir,
+        inventory,
+        extra_authorized_keys: extra,
+    })
+}
+
+/// The cloud lookups that decide the run. Independent lookups run concurrently.
+pub async fn decide<C: Cloud>(
+    cloud: &C,
+    region: &str,
+    options: &Options,
+    local: Local,
+    report: &Reporter,
+) -> Result<Plan, Error> {
+    let Local {
+        dir,
+        inventory,
+        extra_authorized_keys,
+    } = local;
+    let instance_type = options
+        .launch
+        .instance_type
+        .clone()
+        .unwrap_or_else(|| DEFAULT_INSTANCE_TYPE.to_string());
+    let key_name = options
+        .launch
+        .key_name
+        .clone()
+        .unwrap_or_else(|| DEFAULT_KEY_NAME.to_string());
+
+    let volume_lookup = async {
+        match &options.volume {
+            Some(id) => cloud.describe_volume(id).await.map(Some),
+            None => Ok(None),
+        }
+    };
+    let subnet_lookup = async {
+        match &options.launch.subnet_id {
+            Some(s) => cloud.subnet_zone(s).await.map(Some),
+            None => Ok(None),
+        }
+    };
+    let arch_and_image = async {
+        let arch = cloud.instance_arch(&instance_type).await?;
+        let image = match &options.launch.image_id {
+            Some(i) => i.clone(),
+            None => cloud.current_image(arch).await?,
+        };
+        Ok::<(Arch, String), crate::cloud::CloudError>((arch, image))
+    };
+    let (volume, subnet_zone, arch_image, zones, key_exists) = tokio::join!(
+        volume_lookup,
+        subnet_lookup,
+        arch_and_image,
+        cloud.zones_for(&instance_type),
+        cloud.key_pair_exists(&key_name),
+    );
+    let volume = volume?;
+    let (arch, image_id) = arch_image?;
+    let zones = zones?;
+    let existing_volume = match (&options.volume, volume) {
+        (Some(id), None) => Err(Error::Invalid(format!(
+            "the volume {id} does not exist in {region}"
+        )))?,
+        (Some(_), Some(Some(v))) => Some(check_volume(v, &inventory, options.method)?),
+        (Some(id), Some(None)) => Err(Error::Invalid(format!(
+            "the volume {id} does not exist in {region}"
+        )))?,
+        (None, _) => None,
+    };
+    let zone = match (subnet_zone?, &existing_volume) {
+        (Some(sz), Some(v)) if sz != v.zone => {
+            return Err(Error::Invalid(format!(
+                "the subnet is in {sz} but the volume {} is in {}; choose a subnet in {}",
+                v.id, v.zone, v.zone
+            )))
+        }
+        (Some(sz), _) => sz,
+        (None, Some(v)) => v.zone.clone(),
+        (None, None) => zones.first().cloned().ok_or_else(|| {
+            Error::Invalid(format!(
+                "the instance type {instance_type} is not offered in any zone of {region}"
+            ))
+        })?,
+    };
+    if !zones.is_empty() && !zones.contains(&zone) {
+        return Err(Error::Invalid(format!(
+            "the instance type {instance_type} is not offered in {zone}; choose another with EC2_BACKUP_FLAGS_AWS=\"--instance-type TYPE\""
+        )));
+    }
+    let key = keys::plan(
+        &key_name,
+        options.launch.key_name.is_some(),
+        key_exists?,
+        &options.home,
+        region,
+    )?;
+    report.step(&format!(
+        "helper: {instance_type} ({}) from {image_id} in {zone}, key pair {key_name}",
+        arch.as_str()
+    ));
+    Ok(Plan {
+        new_volume_gib: plan::volume_gib(inventory.footprint),
+        dir,
+        inventory,
+        existing_volume,
+        zone,
+        instance_type,
+        image_id,
+        key_name,
+        key,
+        extra_authorized_keys,
+    })
+}
+
+/// A `-v` volume must be free and big enough.
+fn check_volume(v: Volume, inventory: &Inventory, method: Method) -> Result<Volume, Error> {
+    if v.state != "available" {
+        let user = v
+            .attachments
+            .first()
+            .map(|a| format!(" (attached to {})", a.instance))
+            .unwrap_or_default();
+        return Err(Error::Invalid(format!(
+            "the volume {} is {}{user}, not available; detach it first",
+            v.id, v.state
+        )));
+    }
+    if !plan::fits(inventory.footprint, v.size_gib, method.uses_filesystem()) {
+        return Err(Error::Invalid(format!(
+            "the volume {} has {} GiB, too small for this directory (about {} MiB needed)",
+            v.id,
+            v.size_gib,
+            inventory.footprint.div_ceil(1 << 20)
+        )));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_ids() {
+        assert!(valid_volume_id("vol-0123456789abcdef0"));
+        assert!(valid_volume_id("vol-1a2b3c4d"));
+        assert!(!valid_volume_id("vol-0123456789ABCDEF0"));
+        assert!(!valid_volume_id("vol-123"));
+        assert!(!valid_volume_id("i-0123456789abcdef0"));
+        assert!(!valid_volume_id("vol-0123456789abcdefg"));
+    }
+
+    #[test]
+    fn user_volumes_must_be_free_and_big_enough() {
+        let inv = Inventory {
+            footprint: 3 << 30,
+            ..Inventory::default()
+        };
+        let v = |state: &str, size| Volume {
+            id: "vol-1".into(),
+            state: state.into(),
+            size_gib: size,
+            zone: "z".into(),
+            attachments: vec![],
+        };
+        assert!(check_volume(v("available", 4), &inv, Method::Dd).is_ok());
+        let e = check_volume(v("in-use", 4), &inv, Method::Dd).unwrap_err();
+        assert!(e.to_string().contains("in-use"), "{e}");
+        let e = check_volume(v("available", 2), &inv, Method::Dd).unwrap_err();
+        assert!(e.to_string().contains("too small"), "{e}");
+    }
+}

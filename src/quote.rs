@@ -1,0 +1,114 @@
+//! The one place where words become a command line for a shell on the helper.
+//!
+//! ssh joins its arguments with spaces and hands the result to the login shell on the helper,
+//! so every remote command goes through [`remote_command`], which quotes each word for a POSIX
+//! shell. rsync's `-e` option is split by rsync itself (spaces separate words, single or double
+//! quotes group them, backslashes are literal), so it has its own quoting, [`rsh_word`].
+
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum QuoteError {
+    #[error("the word {0:?} contains a NUL byte and cannot be passed to a remote command")]
+    Nul(String),
+    #[error("the ssh flag {0:?} contains both kinds of quote, which rsync cannot pass to ssh")]
+    BothQuotes(String),
+}
+
+/// Quotes `words` into one string that a POSIX shell splits back into exactly these words.
+pub fn remote_command<S: AsRef<str>>(words: &[S]) -> Result<String, QuoteError> {
+    let quoted: Result<Vec<_>, _> = words
+        .iter()
+        .map(|w| {
+            let w = w.as_ref();
+            shlex::try_quote(w)
+                .map(|q| q.into_owned())
+                .map_err(|_| QuoteError::Nul(w.to_string()))
+        })
+        .collect();
+    Ok(quoted?.join(" "))
+}
+
+/// Quotes one word for rsync's own splitting of its `-e` command.
+pub fn rsh_word(word: &str) -> Result<String, QuoteError> {
+    if word.contains('\0') {
+        return Err(QuoteError::Nul(word.to_string()));
+    }
+    let plain = !word.is_empty() && !word.contains([' ', '\t', '\n', '\'', '"']);
+    if plain {
+        Ok(word.to_string())
+    } else if !word.contains('\'') {
+        Ok(format!("'{word}'"))
+    } else if !word.contains('"') {
+        Ok(format!("\"{word}\""))
+    } else {
+        Err(QuoteError::BothQuotes(word.to_string()))
+    }
+}
+
+/// Escapes the wildcard characters of a path so that tar's and rsync's exclude patterns
+/// match it literally.
+pub fn glob_escape(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    /// The real proof: sh must split the quoted string back into the same words.
+    #[test]
+    fn remote_command_round_trips_through_sh() {
+        let words = [
+            "printf",
+            "%s\\n",
+            "plain",
+            "with space",
+            "it's",
+            "\"dq\"",
+            "$(touch /tmp/ec2-backup-pwned)",
+            "`id`",
+            "a;b|c&d",
+            "new\nline",
+            "-leading",
+            "*",
+            "~",
+            "",
+        ];
+        let script = remote_command(&words).unwrap();
+        let out = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        let expected: String = words[2..].iter().map(|w| format!("{w}\n")).collect();
+        assert_eq!(text, expected);
+        assert!(!std::path::Path::new("/tmp/ec2-backup-pwned").exists());
+    }
+
+    #[test]
+    fn remote_command_rejects_nul() {
+        assert!(matches!(remote_command(&["a\0b"]), Err(QuoteError::Nul(_))));
+    }
+
+    #[test]
+    fn rsh_words() {
+        assert_eq!(rsh_word("-i").unwrap(), "-i");
+        assert_eq!(rsh_word("/a b/key").unwrap(), "'/a b/key'");
+        assert_eq!(rsh_word("it's").unwrap(), "\"it's\"");
+        assert_eq!(rsh_word("").unwrap(), "''");
+        assert!(rsh_word("'\"").is_err());
+    }
+
+    #[test]
+    fn glob_escaping() {
+        assert_eq!(glob_escape("proc"), "proc");
+        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+}

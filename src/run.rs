@@ -1,0 +1,405 @@
+//! One backup run, start to finish: decide, create (recording each resource in the ledger),
+//! transfer, tear down; and on failure or signal, unwind the ledger.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::Mutex;
+
+use crate::cloud::aws::{self, AwsCloud};
+use crate::cloud::{wait, Cloud, LaunchRequest, Tags};
+use crate::device;
+use crate::error::Error;
+use crate::keys::{self, KeyPlan};
+use crate::ledger::{Ledger, Resource};
+use crate::method::{dd, rsync, Method, Source, Transfer};
+use crate::prepare::{self, Options, Plan};
+use crate::report::Reporter;
+use crate::ssh::Session;
+use crate::userdata;
+
+/// The device name requested at attach time; the helper may show it under another name.
+const DEVICE: &str = "/dev/sdf";
+/// The login user of the Amazon Linux images the helper runs.
+const LOGIN_USER: &str = "ec2-user";
+const STATE_LIMIT: Duration = Duration::from_secs(300);
+
+/// A finished backup.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub volume_id: String,
+    pub transfer: Transfer,
+}
+
+/// A failed run: the error, and what cleanup could not remove.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: Error,
+    pub leftovers: Vec<String>,
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        Failure {
+            error,
+            leftovers: Vec::new(),
+        }
+    }
+}
+
+/// SIGINT, SIGTERM and SIGHUP, as one stream.
+pub struct Signals {
+    int: Signal,
+    term: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Signals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    pub async fn recv(&mut self) -> Error {
+        let (name, number) = tokio::select! {
+            _ = self.int.recv() => ("SIGINT", libc::SIGINT),
+            _ = self.term.recv() => ("SIGTERM", libc::SIGTERM),
+            _ = self.hup.recv() => ("SIGHUP", libc::SIGHUP),
+        };
+        Error::Interrupted { name, number }
+    }
+}
+
+/// Runs a backup as the options say.
+pub async fn run(options: Options) -> Result<Outcome, Failure> {
+    let report = Reporter::new(options.verbose);
+    let mut signals =
+        Signals::new().map_err(|e| Error::Usage(format!("cannot handle signals: {e}")))?;
+    let local = prepare::check_local(&options, &report)?;
+    let cloud = aws::connect().await.map_err(Error::from)?;
+    let region = cloud.region.clone();
+    let plan = tokio::select! {
+        p = prepare::decide(&cloud, &region, &options, local, &report) => p?,
+        e = signals.recv() => return Err(e.into()),
+    };
+    let workdir = tempfile::Builder::new()
+        .prefix("ec2-backup.")
+        .tempdir()
+        .map_err(|e| Error::Usage(format!("cannot make a private temporary directory: {e}")))?;
+    let job = Job {
+        cloud,
+        options,
+        plan,
+        ledger: Ledger::default(),
+        ssh: Mutex::new(None),
+        report,
+        run_id: new_run_id(),
+    };
+    let result = tokio::select! {
+        r = job.execute(workdir.path()) => r,
+        e = signals.recv() => Err(e),
+    };
+    match result {
+        Ok(outcome) => Ok(outcome),
+        Err(error) => {
+            job.report.step(&format!("failed: {error}; cleaning up"));
+            let leftovers = job.cleanup(&mut signals).await;
+            Err(Failure { error, leftovers })
+        }
+    }
+}
+
+struct Job {
+    cloud: AwsCloud,
+    options: Options,
+    plan: Plan,
+    ledger: Ledger,
+    /// The connection to the helper, once there is one; cleanup uses it to unmount.
+    ssh: Mutex<Option<Session>>,
+    report: Reporter,
+    run_id: String,
+}
+
+impl Job {
+    async fn execute(&self, workdir: &Path) -> Result<Outcome, Error> {
+        let (cloud, plan, report) = (&self.cloud, &self.plan, &self.report);
+        let (host_private, host_public) = keys::make_host_key(workdir)?;
+        let identity = self.ensure_key_pair().await?;
+
+        let mut authorized = plan.extra_authorized_keys.clone();
+        if let KeyPlan::Import { public_key, .. } = &plan.key {
+            authorized.push(public_key.clone());
+        }
+        let request = LaunchRequest {
+            image_id: plan.image_id.clone(),
+            instance_type: plan.instance_type.clone(),
+            key_name: plan.key_name.clone(),
+            zone: plan.zone.clone(),
+            subnet_id: self.options.launch.subnet_id.clone(),
+            security_group_ids: self.options.launch.security_group_ids.clone(),
+            iam_instance_profile: self.options.launch.iam_instance_profile.clone(),
+            user_data: userdata::cloud_config(&host_private, &host_public, &authorized),
+            tags: self.tags(&[("Name", format!("ec2-backup helper {}", self.run_id))]),
+        };
+        report.step("launching the helper instance");
+        let instance_id = cloud.run_instance(&request).await?;
+        self.ledger.record(Resource::Instance(instance_id.clone()));
+        report.step(&format!("launched {instance_id}"));
+
+        // The volume is made ready while the instance boots.
+        let volume = async {
+            if let Some(v) = &plan.existing_volume {
+                return Ok((v.id.clone(), v.size_gib));
+            }
+            let tags = self.volume_tags(false);
+            let id = cloud
+                .create_volume(&plan.zone, plan.new_volume_gib, &tags)
+                .await?;
+            self.ledger.record(Resource::Volume(id.clone()));
+            report.step(&format!("created {id} ({} GiB)", plan.new_volume_gib));
+            wait::volume_state(cloud, &id, "available", None, STATE_LIMIT).await?;
+            Ok::<_, Error>((id, plan.new_volume_gib))
+        };
+        let running = async {
+            wait::instance_running(cloud, &instance_id, STATE_LIMIT)
+                .await
+                .map_err(Error::from)
+        };
+        let ((volume_id, size_gib), instance) = tokio::try_join!(volume, running)?;
+        let host = instance.address.unwrap_or_default();
+        report.step(&format!("{instance_id} is running at {host}"));
+
+        cloud
+            .attach_volume(&volume_id, &instance_id, DEVICE)
+            .await?;
+        self.ledger.record(Resource::Attachment {
+            volume: volume_id.clone(),
+            instance: instance_id.clone(),
+        });
+        let mut session = Session::new(
+            &host,
+            LOGIN_USER,
+            workdir,
+            identity.as_deref(),
+            &self.options.ssh,
+            &host_public,
+        )?;
+        let attached = async {
+            wait::volume_state(
+                cloud,
+                &volume_id,
+                "attached",
+                Some(&instance_id),
+                STATE_LIMIT,
+            )
+            .await
+            .map_err(Error::from)
+        };
+        let connected = async {
+            session
+                .connect(self.options.boot_timeout)
+                .await
+                .map_err(Error::from)
+        };
+        tokio::try_join!(attached, connected)?;
+        *self.ssh.lock().await = Some(session);
+        report.step("connected; looking for the volume's device");
+
+        let transfer = {
+            let guard = self.ssh.lock().await;
+            let ssh = guard.as_ref().expect("connected above");
+            let found = ssh
+                .run(
+                    "Finding the volume's device",
+                    &device::find_command(&volume_id, DEVICE, size_gib, 300),
+                )
+                .await?;
+            let dev = device::parse_found(&found).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "the helper reported no usable device for {volume_id}"
+                ))
+            })?;
+            report.step(&format!("{volume_id} is {dev} on the helper; transferring"));
+            self.transfer(ssh, &dev, &volume_id).await?
+        };
+        report.step(&format!("transferred {} bytes; detaching", transfer.bytes));
+
+        cloud.detach_volume(&volume_id, &instance_id).await?;
+        wait::volume_state(cloud, &volume_id, "available", None, STATE_LIMIT).await?;
+        self.ledger.forget(&Resource::Attachment {
+            volume: volume_id.clone(),
+            instance: instance_id.clone(),
+        });
+        let mut done = self.volume_tags(!transfer.incomplete);
+        done.push(("ec2-backup:finished".into(), now()));
+        if let Some(sum) = &transfer.sha256 {
+            done.push(("ec2-backup:sha256".into(), sum.clone()));
+            done.push(("ec2-backup:bytes".into(), transfer.bytes.to_string()));
+        }
+        cloud.create_tags(&volume_id, &done).await?;
+        // From here on the backup is safe: the volume and the key pair are kept.
+        self.ledger.forget(&Resource::Volume(volume_id.clone()));
+        for r in self.ledger.snapshot() {
+            if matches!(r, Resource::KeyPair { .. }) {
+                self.ledger.forget(&r);
+            }
+        }
+        let session = self.ssh.lock().await.take();
+        if let Some(mut s) = session {
+            s.close().await;
+        }
+        report.step(&format!("terminating {instance_id}"));
+        cloud.terminate_instance(&instance_id).await?;
+        self.ledger.forget(&Resource::Instance(instance_id));
+        Ok(Outcome {
+            volume_id,
+            transfer,
+        })
+    }
+
+    async fn transfer(&self, ssh: &Session, dev: &str, volume_id: &str) -> Result<Transfer, Error> {
+        let source = Source {
+            dir: self.plan.dir.clone(),
+            skip_contents_of: self.plan.inventory.pseudo_mounts.clone(),
+        };
+        match self.options.method {
+            Method::Dd => Ok(dd::backup(ssh, &source, dev).await?),
+            Method::Rsync => {
+                self.ledger.record(Resource::Mount);
+                if rsync::mount(ssh, dev, volume_id).await? {
+                    self.report.step("made an ext4 filesystem on the volume");
+                }
+                let transfer = rsync::backup(ssh, &source).await?;
+                rsync::unmount(ssh).await?;
+                self.ledger.forget(&Resource::Mount);
+                Ok(transfer)
+            }
+        }
+    }
+
+    /// Makes the key pair ready as planned; returns the identity file to log in with.
+    async fn ensure_key_pair(&self) -> Result<Option<std::path::PathBuf>, Error> {
+        let name = &self.plan.key_name;
+        match &self.plan.key {
+            KeyPlan::Existing { identity } => Ok(identity.clone()),
+            KeyPlan::Create { path } => {
+                self.report.step(&format!("creating the key pair {name}"));
+                let pem = self.cloud.create_key_pair(name, &self.tags(&[])).await?;
+                let bare = Resource::KeyPair {
+                    name: name.clone(),
+                    file: None,
+                };
+                self.ledger.record(bare.clone());
+                keys::save_private_key(path, &pem)?;
+                self.ledger.forget(&bare);
+                self.ledger.record(Resource::KeyPair {
+                    name: name.clone(),
+                    file: Some(path.clone()),
+                });
+                Ok(Some(path.clone()))
+            }
+            KeyPlan::Import { path, public_key } => {
+                self.report.step(&format!(
+                    "importing {} as the key pair {name}",
+                    path.display()
+                ));
+                self.cloud
+                    .import_key_pair(name, public_key, &self.tags(&[]))
+                    .await?;
+                self.ledger.record(Resource::KeyPair {
+                    name: name.clone(),
+                    file: None,
+                });
+                Ok(Some(path.clone()))
+            }
+        }
+    }
+
+    fn tags(&self, extra: &[(&str, String)]) -> Tags {
+        let mut tags: Tags = vec![
+            ("ec2-backup:run".into(), self.run_id.clone()),
+            ("ec2-backup:created".into(), now()),
+        ];
+        tags.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        tags
+    }
+
+    fn volume_tags(&self, completed: bool) -> Tags {
+        let host = hostname();
+        let dir = truncate(&self.plan.dir.to_string_lossy(), 255);
+        self.tags(&[
+            ("Name", truncate(&format!("ec2-backup {host}:{dir}"), 255)),
+            ("ec2-backup:source-host", host),
+            ("ec2-backup:source-dir", dir),
+            (
+                "ec2-backup:method",
+                self.options.method.as_str().to_string(),
+            ),
+            ("ec2-backup:completed", completed.to_string()),
+        ])
+    }
+
+    /// Unwinds the ledger. A signal during cleanup says what is still being removed; a
+    /// second one stops waiting and lists what is left.
+    async fn cleanup(&self, signals: &mut Signals) -> Vec<String> {
+        let guard = self.ssh.lock().await;
+        let unwind = self
+            .ledger
+            .unwind(&self.cloud, guard.as_ref(), &self.report);
+        tokio::pin!(unwind);
+        let mut interrupted = false;
+        loop {
+            tokio::select! {
+                left = &mut unwind => return left,
+                e = signals.recv() => {
+                    let pending: Vec<String> = self.ledger.snapshot().iter().map(describe).collect();
+                    if interrupted {
+                        return pending.into_iter().map(|p| format!("{p} was left behind")).collect();
+                    }
+                    interrupted = true;
+                    eprintln!(
+                        "ec2-backup: {e} during cleanup; still removing {}; interrupt again to stop waiting and leave them.",
+                        pending.join(", ")
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn describe(r: &Resource) -> String {
+    match r {
+        Resource::KeyPair { name, .. } => format!("the key pair {name}"),
+        Resource::Instance(id) => format!("the helper instance {id}"),
+        Resource::Volume(id) => format!("the volume {id}"),
+        Resource::Attachment { volume, instance } => {
+            format!("the attachment of {volume} to {instance}")
+        }
+        Resource::Mount => "the mount on the helper".to_string(),
+    }
+}
+
+fn new_run_id() -> String {
+    use rand::Rng;
+    let bytes: [u8; 6] = rand::rng().random();
+    hex::encode(bytes)
+}
+
+fn now() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// EC2 tag values hold at most 256 characters.
+fn truncate(text: &str, max: usize) -> String {
+    text.chars().take(max).collect()
+}

@@ -1,0 +1,152 @@
+//! Round trips through the real binary and the simulator, checked on the volume's bytes.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::path::Path;
+
+use common::tree;
+use common::*;
+
+/// A source directory whose own name is hostile too.
+fn hostile_source(scratch: &Path) -> std::path::PathBuf {
+    let src = scratch.join("src $(id) ; 'q' \"dq\" -dash");
+    fs::create_dir(&src).unwrap();
+    tree::hostile(&src);
+    src
+}
+
+#[test]
+fn dd_round_trip_of_a_hostile_tree() {
+    let _ = fs::remove_file(tree::TRAP_FILE);
+    let s = scratch();
+    let src = hostile_source(s.path());
+    let run = backup(&[], &src);
+    let vol = run.volume_id();
+    assert_no_live_instances();
+
+    let v = volume(&vol).expect("the volume exists");
+    assert_eq!(v["state"], "available");
+    assert_eq!(v["size"], 1, "2x a ~4 MiB tree rounds up to 1 GiB");
+    assert_eq!(v["tags"]["ec2-backup:completed"], "true");
+    assert_eq!(v["tags"]["ec2-backup:method"], "dd");
+
+    let out = s.path().join("restored");
+    fs::create_dir(&out).unwrap();
+    extract_dd(&vol, &out);
+    let diffs = tree::differences(&src, &out, &[]);
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    assert!(
+        tree::allocated(&out.join("sparse.img")) < 1 << 20,
+        "sparse file stays sparse"
+    );
+
+    // The archive's checksum recorded on the volume is that of the bytes at its start.
+    let len: u64 = v["tags"]["ec2-backup:bytes"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let file = volume_file(&vol);
+    let data = fs::read(&file).unwrap();
+    use sha2::Digest;
+    let sum = hex::encode(sha2::Sha256::digest(&data[..len as usize]));
+    assert_eq!(v["tags"]["ec2-backup:sha256"], sum.as_str());
+    assert!(
+        !Path::new(tree::TRAP_FILE).exists(),
+        "a file name was run by a shell"
+    );
+}
+
+#[test]
+fn rsync_round_trip_then_incremental_with_deletions() {
+    let _ = fs::remove_file(tree::TRAP_FILE);
+    let s = scratch();
+    let src = hostile_source(s.path());
+    let run = backup(&[OsStr::new("-m"), OsStr::new("rsync")], &src);
+    let vol = run.volume_id();
+    assert_no_live_instances();
+    {
+        let m = Mounted::new(&vol);
+        let diffs = tree::differences(&src, m.path(), &["lost+found"]);
+        assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+        assert!(m.path().join("lost+found").is_dir());
+        assert!(tree::allocated(&m.path().join("sparse.img")) < 1 << 20);
+    }
+
+    // Change the tree: add, modify, delete a file and a whole directory.
+    fs::write(src.join("added.txt"), b"new file").unwrap();
+    fs::write(src.join("random.bin"), tree::noise(1 << 20, 99)).unwrap();
+    fs::remove_file(src.join("plain.txt")).unwrap();
+    fs::remove_dir_all(src.join("nested")).unwrap();
+    tree::set_mtime(&src, 1_100_000_000, 0);
+    let again = backup(
+        &[
+            OsStr::new("-m"),
+            OsStr::new("rsync"),
+            OsStr::new("-v"),
+            OsStr::new(&vol),
+        ],
+        &src,
+    );
+    assert_eq!(again.volume_id(), vol, "the same volume is reused");
+    assert_no_live_instances();
+    let m = Mounted::new(&vol);
+    let diffs = tree::differences(&src, m.path(), &["lost+found"]);
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    assert!(!m.path().join("nested").exists());
+    assert!(
+        m.path().join("lost+found").is_dir(),
+        "lost+found is left alone"
+    );
+    assert!(
+        !Path::new(tree::TRAP_FILE).exists(),
+        "a file name was run by a shell"
+    );
+}
+
+#[test]
+fn xen_instance_type_finds_the_xvd_device() {
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("a"), tree::noise(100_000, 1)).unwrap();
+    let run = run(ec2_backup()
+        .env("EC2_BACKUP_FLAGS_AWS", "--instance-type t2.micro")
+        .arg(&src));
+    let vol = run.volume_id();
+    let st = status();
+    let inst = st["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|i| i["type"] == "t2.micro")
+        .cloned();
+    assert!(inst.is_some(), "a t2.micro helper was used");
+    let out = s.path().join("out");
+    fs::create_dir(&out).unwrap();
+    extract_dd(&vol, &out);
+    assert!(tree::differences(&src, &out, &[]).is_empty());
+    assert_no_live_instances();
+}
+
+#[test]
+fn existing_volume_in_another_zone_launches_the_helper_there() {
+    let vol = make_volume("us-east-1c", 1);
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("file"), b"zone test").unwrap();
+    let run = backup(&[OsStr::new("-v"), OsStr::new(&vol)], &src);
+    assert_eq!(run.volume_id(), vol);
+    let st = status();
+    let last = st["instances"].as_array().unwrap().last().cloned().unwrap();
+    assert_eq!(last["zone"], "us-east-1c");
+    let out = s.path().join("out");
+    fs::create_dir(&out).unwrap();
+    extract_dd(&vol, &out);
+    assert!(tree::differences(&src, &out, &[]).is_empty());
+    assert_no_live_instances();
+}
