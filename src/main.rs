@@ -81,6 +81,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// clap's multi-line errors, as one sentence.
+fn usage_error(e: &clap::Error) -> String {
+    let first = match e.kind() {
+        ErrorKind::MissingRequiredArgument => "the directory to back up is missing".to_string(),
+        _ => {
+            let text = e.to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .to_string();
+            first.strip_prefix("error: ").unwrap_or(&first).to_string()
+        }
+    };
+    format!("{first}; usage: ec2-backup [-h] [-m method] [-v volume-id] dir")
+}
+
 fn fail(message: &str, code: i32) -> ExitCode {
     eprintln!("ec2-backup: {}", sentence(message));
     ExitCode::from(u8::try_from(code).unwrap_or(1))

@@ -44,7 +44,7 @@ fn unknown_method() {
     let d = small_dir();
     let (code, line) = refused(ec2_backup().args(["-m", "tar"]).arg(d.path()));
     assert_eq!(code, 2);
-    assert!(line.contains("unknown method 'tar'"), "{line}");
+    assert!(line.contains("Unknown method 'tar'"), "{line}");
 }
 
 #[test]
@@ -53,7 +53,7 @@ fn unknown_option_and_missing_dir() {
     assert_eq!(code, 2);
     assert!(line.contains("'-x'"), "{line}");
     let (_, line) = refused(&mut ec2_backup());
-    assert!(line.contains("<dir>"), "{line}");
+    assert!(line.contains("directory to back up"), "{line}");
 }
 
 #[test]
