@@ -17,15 +17,7 @@ fn main() -> ExitCode {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
-        Err(e) => {
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            return fail(
-                &format!("{first}; run 'ec2-backup -h' for usage"),
-                exit::INPUT,
-            );
-        }
+        Err(e) => return fail(&usage_error(&e), exit::INPUT),
     };
     let options = match Options::new(&cli.method, cli.volume, cli.dir) {
         Ok(o) => o,
