@@ -18,7 +18,7 @@ for _v in ("MOTO_ENABLE_AMI_VALIDATION", "MOTO_ENABLE_KEYPAIR_VALIDATION",
 from moto.moto_server import threaded_moto_server as tms  # noqa: E402
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app  # noqa: E402
 
-from . import config, faults, rules, runtime  # noqa: E402
+from . import config, ebsdirect, faults, rules, runtime, statusview  # noqa: E402
 
 INTERNAL_HEADER = "HTTP_X_EC2SIM_INTERNAL"
 
@@ -29,6 +29,8 @@ def fault_layer(app, sdir):
     fpath = os.path.join(sdir, "faults.json")
 
     def wrapped(environ, start_response):
+        if environ.get("PATH_INFO") == statusview.PATH and environ.get("REQUEST_METHOD") == "GET":
+            return statusview.app_route(sdir, start_response)
         if not os.path.exists(fpath) or environ.get(INTERNAL_HEADER):
             return app(environ, start_response)
         try:
@@ -100,6 +102,7 @@ def main():
     cfg = config.read_json(os.path.join(sdir, "config.json"))
     sim = runtime.Sim(sdir)
     rules.install(sim)
+    ebsdirect.install(sim)
     server = Server(sdir, cfg["port"])
     server.start()
     warm_up(cfg["port"])

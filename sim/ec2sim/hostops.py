@@ -155,7 +155,10 @@ def make_net(ledger, tag, block, idx, link):
 
 def shape(ns, hv, link):
     """Limit both ends so both directions are shaped. netem does rate+delay; kernels
-    without sch_netem (like this VM's) get tbf: rate only, delay ignored with a warning."""
+    without sch_netem (like this VM's) get tbf: rate only, delay ignored with a warning.
+    This kernel (6.18, /proc/config.gz) also lacks fq and etf (so no BPF-set departure
+    times) and nft's queue; only an iptables NFQUEUE + userspace verdict loop could delay,
+    needing the iptables package and a netlink client: not worth its fragility here."""
     ok = True
     for pre, dev in ((["tc"], hv), (["tc", "-n", ns], "eth0")):
         args = pre + ["qdisc", "replace", "dev", dev, "root", "netem", "limit", "100000"]

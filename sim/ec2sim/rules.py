@@ -40,7 +40,7 @@ def install(sim):
     orig = {n: getattr(EC2Backend, n) for n in (
         "run_instances", "terminate_instances", "stop_instances", "start_instances",
         "create_volume", "delete_volume", "attach_volume", "detach_volume",
-        "create_snapshot", "delete_snapshot")}
+        "create_snapshot", "delete_snapshot", "delete_security_group")}
 
     # --- states and addresses moto hardwires -------------------------------
     def vol_status(self):
@@ -80,6 +80,11 @@ def install(sim):
                       "instance type and an AMI that have matching architectures, and try "
                       "again. You can use 'describe-instance-types' or 'describe-images' to "
                       "discover the architecture of the instance type or AMI.")
+        for gname in security_group_names or []:  # moto answers HTTP 500 for an unknown name
+            if self.get_security_group_by_name_or_id(gname) is None:
+                raise err("InvalidGroup.NotFound", f"The security group '{gname}' does not "
+                          f"exist in default VPC '{self.default_vpc.id}'")
+        # Unknown SecurityGroupIds: moto itself answers InvalidGroup.NotFound, as EC2 does.
         if int(count) > sim.free_count():
             raise err("InsufficientInstanceCapacity",
                       f"We currently do not have sufficient {itype} capacity in the "
@@ -225,6 +230,20 @@ def install(sim):
         except OSError:
             pass
         return res
+
+    # --- security groups ----------------------------------------------------
+    def delete_security_group(self, name=None, group_id=None):
+        """EC2 refuses while an instance's network interface uses the group, i.e. until
+        the instance is terminated (shutting-down still holds it); moto deletes at once."""
+        g = self.get_security_group_by_name_or_id(group_id or name)
+        if g is not None:
+            for res in list(self.reservations.values()):
+                for mi in res.instances:
+                    ids = {x if isinstance(x, str) else x.id for x in mi.security_groups or []}
+                    if g.id in ids and mi._state.name != "terminated":
+                        raise err("DependencyViolation",
+                                  f"resource {g.id} has a dependent object")
+        return orig["delete_security_group"](self, name, group_id)
 
     for name, fn in list(locals().items()):
         if name in orig:

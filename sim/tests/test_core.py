@@ -218,8 +218,40 @@ def test_status_shape(sim, nitro):
     st = sim.status()
     assert set(st) == {"instances", "volumes", "snapshots", "security_groups", "key_pairs"}
     i = next(x for x in st["instances"] if x["id"] == nitro["InstanceId"])
-    assert set(i) == {"id", "state", "type", "zone", "address", "image", "key_name"}
+    assert set(i) == {"id", "state", "type", "zone", "address", "image", "key_name", "tags",
+                      "security_groups"}
     assert i["address"] == nitro["PublicIpAddress"] and i["state"] == "running"
+    assert i["security_groups"] == [g["GroupId"] for g in nitro["SecurityGroups"]]
     v = st["volumes"][0]
     assert set(v) == {"id", "state", "size", "zone", "encrypted", "file", "tags", "attachments"}
     assert "test-" + sim.name in st["key_pairs"]
+    assert all(set(g) == {"id", "name", "tags"} for g in st["security_groups"])
+
+
+def test_status_matches_api_and_is_fast(sim, nitro):
+    """status is served from the daemon's models: same answers as the API, in a few ms."""
+    vid = new_volume(sim, TagSpecifications=[{"ResourceType": "volume", "Tags": [
+        {"Key": "ec2-backup:run", "Value": "r1"}]}])
+    sim.ec2.create_tags(Resources=[nitro["InstanceId"]], Tags=[{"Key": "k", "Value": "v"}])
+    times = []
+    for _ in range(3):
+        t = time.time()
+        st = sim.status()
+        times.append(time.time() - t)
+    assert min(times) < 0.3, times
+    i = next(x for x in st["instances"] if x["id"] == nitro["InstanceId"])
+    assert i["tags"] == {"k": "v"}
+    v = next(x for x in st["volumes"] if x["id"] == vid)
+    assert v["tags"] == {"ec2-backup:run": "r1"} and v["state"] == "available"
+    api = {x["VolumeId"]: x["State"] for x in sim.ec2.describe_volumes()["Volumes"]}
+    assert {x["id"]: x["state"] for x in st["volumes"]} == api
+    api = {x["InstanceId"]: x["State"]["Name"] for r in sim.ec2.describe_instances()[
+        "Reservations"] for x in r["Instances"]}
+    assert {x["id"]: x["state"] for x in st["instances"]} == api
+
+
+def test_setup_prints_nothing(sim):
+    r = subprocess.run([os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "scripts", "ec2sim"), "setup"],
+        capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == ""
