@@ -25,6 +25,8 @@ pub enum Resource {
         volume: String,
         instance: String,
     },
+    /// The helper's temporary security group (deletable once the helper is gone).
+    SecurityGroup(String),
     /// The volume's filesystem is mounted on the helper.
     Mount,
 }
@@ -63,7 +65,10 @@ impl Ledger {
     ) -> Vec<String> {
         let mut left = Vec::new();
         let items: Vec<Resource> = self.snapshot().into_iter().rev().collect();
-        let deleting_volume = items.iter().any(|r| matches!(r, Resource::Volume(_)));
+        // Volumes and security groups can only go once the instance is gone.
+        let wait_for_termination = items
+            .iter()
+            .any(|r| matches!(r, Resource::Volume(_) | Resource::SecurityGroup(_)));
         for item in items {
             match &item {
                 Resource::Mount => {
@@ -103,7 +108,7 @@ impl Ledger {
                         left.push(format!("the helper instance {id} is still running ({e})"));
                         continue;
                     }
-                    if deleting_volume {
+                    if wait_for_termination {
                         if let Err(e) =
                             wait::instance_terminated(cloud, id, Duration::from_secs(300)).await
                         {
@@ -130,6 +135,15 @@ impl Ledger {
                         continue;
                     }
                 }
+                Resource::SecurityGroup(id) => {
+                    report.step(&format!("deleting the security group {id}"));
+                    if let Err(e) = delete_group(cloud, id).await {
+                        left.push(format!(
+                            "the security group {id} could not be deleted ({e})"
+                        ));
+                        continue;
+                    }
+                }
                 Resource::KeyPair { name, file } => {
                     report.step(&format!("deleting the key pair {name} this run created"));
                     if let Err(e) = cloud.delete_key_pair(name).await {
@@ -145,6 +159,25 @@ impl Ledger {
         }
         left
     }
+}
+
+/// Deletes a security group, waiting while EC2 still counts the terminated helper's network
+/// interface as a user of it (DependencyViolation lasts a little after termination).
+async fn delete_group<C: Cloud>(cloud: &C, id: &str) -> Result<(), crate::cloud::CloudError> {
+    wait::until(
+        "Deleting the security group",
+        Duration::from_secs(180),
+        || async {
+            match cloud.delete_security_group(id).await {
+                Ok(()) => Ok(wait::Poll::Ready(())),
+                Err(e) if e.code.as_deref() == Some("DependencyViolation") => {
+                    Ok(wait::Poll::Pending("still in use".into()))
+                }
+                Err(e) => Err(e),
+            }
+        },
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -5,13 +5,18 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::Parser;
-use ec2_backup::cli::Cli;
+use ec2_backup::cli::{Cli, GcCli};
 use ec2_backup::error::{exit, sentence, Error};
+use ec2_backup::gc::GcOptions;
 use ec2_backup::prepare::Options;
 use ec2_backup::run;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "gc") {
+        return gc(&args[1..]);
+    }
+    let cli = match Cli::try_parse_from(&args) {
         Ok(c) => c,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
             let _ = e.print();
@@ -40,6 +45,16 @@ fn main() -> ExitCode {
                 .is_err()
             {
                 return ExitCode::from(exit::FAILED as u8);
+            }
+            if !outcome.leftovers.is_empty() {
+                return fail(
+                    &format!(
+                        "the backup on {} is complete, but cleanup could not finish: {}; remove them by hand",
+                        outcome.volume_id,
+                        outcome.leftovers.join(", ")
+                    ),
+                    exit::LEFTOVERS,
+                );
             }
             if outcome.transfer.incomplete {
                 return fail(
@@ -70,6 +85,52 @@ fn main() -> ExitCode {
             }
             fail(&message, code)
         }
+    }
+}
+
+fn gc(args: &[std::ffi::OsString]) -> ExitCode {
+    let cli = match GcCli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => return fail(&usage_error(&e), exit::INPUT),
+    };
+    let options = GcOptions {
+        yes: cli.yes,
+        older_than: std::time::Duration::from_secs(cli.older_than.saturating_mul(3600)),
+        verbose: std::env::var_os("EC2_BACKUP_VERBOSE").is_some_and(|v| !v.is_empty()),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            return fail(
+                &format!("cannot start the async runtime: {e}"),
+                exit::FAILED,
+            )
+        }
+    };
+    match runtime.block_on(ec2_backup::gc::gc(&options)) {
+        Ok(report) => {
+            for line in &report.lines {
+                println!("{line}");
+            }
+            if report.lines.is_empty() {
+                eprintln!("ec2-backup: nothing left behind by ec2-backup runs.");
+            } else if !cli.yes {
+                eprintln!("ec2-backup: run 'ec2-backup gc --yes' to remove these.");
+            }
+            if report.leftovers.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                fail(
+                    &format!("gc could not remove: {}", report.leftovers.join(", ")),
+                    exit::LEFTOVERS,
+                )
+            }
+        }
+        Err(e) => fail(&e.to_string(), e.exit_code()),
     }
 }
 

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::cloud::{Arch, Cloud, Volume};
+use crate::cloud::{caller, Arch, Cloud, Volume};
 use crate::error::Error;
 use crate::flags::{LaunchFlags, SshFlags};
 use crate::keys::{self, KeyPlan, DEFAULT_KEY_NAME};
@@ -94,6 +94,8 @@ pub struct Plan {
     pub image_id: String,
     pub key_name: String,
     pub key: KeyPlan,
+    /// The security group to make for the helper, unless the user named their own.
+    pub ssh_group: Option<SshGroup>,
     /// Public keys of identities named in EC2_BACKUP_FLAGS_SSH, given to the helper.
     pub extra_authorized_keys: Vec<String>,
 }
@@ -105,6 +107,13 @@ pub struct Local {
     pub dir: PathBuf,
     pub inventory: Inventory,
     pub extra_authorized_keys: Vec<String>,
+}
+
+/// A security group to create: in this VPC, admitting ssh from this CIDR only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshGroup {
+    pub vpc: String,
+    pub cidr: String,
 }
 
 /// Checks the directory and what can be checked locally, before any cloud call.
@@ -168,9 +177,22 @@ pub async fn decide<C: Cloud>(
     };
     let subnet_lookup = async {
         match &options.launch.subnet_id {
-            Some(s) => cloud.subnet_zone(s).await.map(Some),
+            Some(s) => cloud.subnet_info(s).await.map(Some),
             None => Ok(None),
         }
+    };
+    // Without the user's own security groups, the run makes one that admits ssh from this
+    // machine only; it needs the VPC (the subnet's, or the default one) and our address.
+    let make_group = options.launch.security_group_ids.is_empty();
+    let network = async {
+        if !make_group {
+            return Ok((None, None));
+        }
+        let vpc = match &options.launch.subnet_id {
+            Some(_) => None,
+            None => cloud.default_vpc().await?,
+        };
+        Ok::<_, crate::cloud::CloudError>((vpc, Some(caller::ingress_cidr().await?)))
     };
     let arch_and_image = async {
         let arch = cloud.instance_arch(&instance_type).await?;
@@ -180,9 +202,10 @@ pub async fn decide<C: Cloud>(
         };
         Ok::<(Arch, String), crate::cloud::CloudError>((arch, image))
     };
-    let (volume, subnet_zone, arch_image, zones, key_exists) = tokio::join!(
+    let (volume, subnet, network, arch_image, zones, key_exists) = tokio::join!(
         volume_lookup,
         subnet_lookup,
+        network,
         arch_and_image,
         cloud.zones_for(&instance_type),
         cloud.key_pair_exists(&key_name),
@@ -200,7 +223,18 @@ pub async fn decide<C: Cloud>(
         )))?,
         (None, _) => None,
     };
-    let zone = match (subnet_zone?, &existing_volume) {
+    let subnet = subnet?;
+    let (default_vpc, cidr) = network?;
+    let ssh_group = match (cidr, subnet.as_ref().map(|(_, vpc)| vpc.clone()).or(default_vpc)) {
+        (None, _) => None,
+        (Some(cidr), Some(vpc)) => Some(SshGroup { vpc, cidr }),
+        (Some(_), None) => {
+            return Err(Error::Invalid(format!(
+                "{region} has no default VPC; name a subnet and a security group that admits ssh with EC2_BACKUP_FLAGS_AWS=\"--subnet-id ID --security-group-ids ID\""
+            )))
+        }
+    };
+    let zone = match (subnet.map(|(zone, _)| zone), &existing_volume) {
         (Some(sz), Some(v)) if sz != v.zone => {
             return Err(Error::Invalid(format!(
                 "the subnet is in {sz} but the volume {} is in {}; choose a subnet in {}",
@@ -241,6 +275,7 @@ pub async fn decide<C: Cloud>(
         image_id,
         key_name,
         key,
+        ssh_group,
         extra_authorized_keys,
     })
 }

@@ -30,6 +30,8 @@ const STATE_LIMIT: Duration = Duration::from_secs(300);
 pub struct Outcome {
     pub volume_id: String,
     pub transfer: Transfer,
+    /// What the teardown after a successful backup could not remove.
+    pub leftovers: Vec<String>,
 }
 
 /// A failed run: the error, and what cleanup could not remove.
@@ -130,6 +132,22 @@ impl Job {
         let (host_private, host_public) = keys::make_host_key(workdir)?;
         let identity = self.ensure_key_pair().await?;
 
+        let mut groups = self.options.launch.security_group_ids.clone();
+        if let Some(g) = &plan.ssh_group {
+            let name = format!("ec2-backup-{}", self.run_id);
+            let id = cloud
+                .create_ssh_group(
+                    &name,
+                    &g.vpc,
+                    &g.cidr,
+                    &self.tags(&[("Name", name.clone())]),
+                )
+                .await?;
+            self.ledger.record(Resource::SecurityGroup(id.clone()));
+            report.step(&format!("created {id}: ssh from {} only", g.cidr));
+            groups.push(id);
+        }
+
         let mut authorized = plan.extra_authorized_keys.clone();
         if let KeyPlan::Import { public_key, .. } = &plan.key {
             authorized.push(public_key.clone());
@@ -140,7 +158,7 @@ impl Job {
             key_name: plan.key_name.clone(),
             zone: plan.zone.clone(),
             subnet_id: self.options.launch.subnet_id.clone(),
-            security_group_ids: self.options.launch.security_group_ids.clone(),
+            security_group_ids: groups,
             iam_instance_profile: self.options.launch.iam_instance_profile.clone(),
             user_data: userdata::cloud_config(&host_private, &host_public, &authorized),
             tags: self.tags(&[("Name", format!("ec2-backup helper {}", self.run_id))]),
@@ -155,7 +173,8 @@ impl Job {
             if let Some(v) = &plan.existing_volume {
                 return Ok((v.id.clone(), v.size_gib));
             }
-            let tags = self.volume_tags(false);
+            let mut tags = self.volume_tags(false);
+            tags.push((crate::gc::CREATED_VOLUME_TAG.into(), "true".into()));
             let id = cloud
                 .create_volume(&plan.zone, plan.new_volume_gib, &tags)
                 .await?;
@@ -252,12 +271,12 @@ impl Job {
         if let Some(mut s) = session {
             s.close().await;
         }
-        report.step(&format!("terminating {instance_id}"));
-        cloud.terminate_instance(&instance_id).await?;
-        self.ledger.forget(&Resource::Instance(instance_id));
+        // The rest (helper, security group) goes the way a failed run's would.
+        let leftovers = self.ledger.unwind(cloud, None, report).await;
         Ok(Outcome {
             volume_id,
             transfer,
+            leftovers,
         })
     }
 
@@ -323,6 +342,9 @@ impl Job {
         let mut tags: Tags = vec![
             ("ec2-backup:run".into(), self.run_id.clone()),
             ("ec2-backup:created".into(), now()),
+            // Lets `ec2-backup gc` on this host tell a live run from a killed one.
+            ("ec2-backup:host".into(), hostname()),
+            ("ec2-backup:pid".into(), std::process::id().to_string()),
         ];
         tags.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
         tags
@@ -380,6 +402,7 @@ fn describe(r: &Resource) -> String {
             format!("the attachment of {volume} to {instance}")
         }
         Resource::Mount => "the mount on the helper".to_string(),
+        Resource::SecurityGroup(id) => format!("the security group {id}"),
     }
 }
 
@@ -393,7 +416,7 @@ fn now() -> String {
     chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
-fn hostname() -> String {
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())

@@ -11,13 +11,17 @@ use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::primitives::Blob;
 use aws_sdk_ec2::types::{
     ArchitectureType, Filter, HttpTokensState, IamInstanceProfileSpecification,
-    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest, InstanceType, KeyType,
-    LocationType, Placement, ResourceType, ShutdownBehavior, Tag, TagSpecification, VolumeType,
+    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest, InstanceType, IpPermission,
+    IpRange, Ipv6Range, KeyType, LocationType, Placement, ResourceType, ShutdownBehavior, Tag,
+    TagSpecification, VolumeType,
 };
 use base64::Engine;
 
+use std::collections::BTreeMap;
+
 use super::{
-    Arch, Attachment, Cloud, CloudError, CloudResult, Instance, LaunchRequest, Tags, Volume,
+    Arch, Attachment, Cloud, CloudError, CloudResult, Instance, LaunchRequest, ResourceKind,
+    Tagged, Tags, Volume,
 };
 
 pub struct AwsCloud {
@@ -425,7 +429,7 @@ impl Cloud for AwsCloud {
             .collect())
     }
 
-    async fn subnet_zone(&self, subnet_id: &str) -> CloudResult<String> {
+    async fn subnet_info(&self, subnet_id: &str) -> CloudResult<(String, String)> {
         let out = self
             .ec2
             .describe_subnets()
@@ -435,13 +439,153 @@ impl Cloud for AwsCloud {
             .map_err(|e| fail("Looking up the subnet", e))?;
         out.subnets()
             .first()
-            .and_then(|s| s.availability_zone())
-            .map(str::to_string)
+            .and_then(|s| Some((s.availability_zone()?.to_string(), s.vpc_id()?.to_string())))
             .ok_or_else(|| {
                 CloudError::new(
                     "Looking up the subnet",
                     format!("the subnet {subnet_id} does not exist"),
                 )
             })
+    }
+
+    async fn default_vpc(&self) -> CloudResult<Option<String>> {
+        let out = self
+            .ec2
+            .describe_vpcs()
+            .filters(Filter::builder().name("isDefault").values("true").build())
+            .send()
+            .await
+            .map_err(|e| fail("Looking up the default VPC", e))?;
+        Ok(out
+            .vpcs()
+            .first()
+            .and_then(|v| v.vpc_id())
+            .map(str::to_string))
+    }
+
+    async fn create_ssh_group(
+        &self,
+        name: &str,
+        vpc: &str,
+        cidr: &str,
+        tags: &Tags,
+    ) -> CloudResult<String> {
+        let action = "Creating the helper's security group";
+        let out = self
+            .ec2
+            .create_security_group()
+            .group_name(name)
+            .description("ec2-backup helper: ssh from the machine running the backup only")
+            .vpc_id(vpc)
+            .tag_specifications(tag_spec(ResourceType::SecurityGroup, tags))
+            .send()
+            .await
+            .map_err(|e| fail(action, e))?;
+        let id = out
+            .group_id()
+            .map(str::to_string)
+            .ok_or_else(|| CloudError::new(action, "EC2 returned no group ID"))?;
+        let range = if cidr.contains(':') {
+            IpPermission::builder().ipv6_ranges(
+                Ipv6Range::builder()
+                    .cidr_ipv6(cidr)
+                    .description("ec2-backup caller")
+                    .build(),
+            )
+        } else {
+            IpPermission::builder().ip_ranges(
+                IpRange::builder()
+                    .cidr_ip(cidr)
+                    .description("ec2-backup caller")
+                    .build(),
+            )
+        };
+        let rule = range.ip_protocol("tcp").from_port(22).to_port(22).build();
+        if let Err(e) = self
+            .ec2
+            .authorize_security_group_ingress()
+            .group_id(&id)
+            .ip_permissions(rule)
+            .send()
+            .await
+        {
+            // The group exists but is useless: remove it before reporting.
+            let _ = self.delete_security_group(&id).await;
+            return Err(fail(action, e));
+        }
+        Ok(id)
+    }
+
+    async fn delete_security_group(&self, id: &str) -> CloudResult<()> {
+        match self.ec2.delete_security_group().group_id(id).send().await {
+            Ok(_) => Ok(()),
+            Err(e) if is_code(&e, "InvalidGroup.NotFound") => Ok(()),
+            Err(e) => Err(fail("Deleting the helper's security group", e)),
+        }
+    }
+
+    async fn tagged(&self, kind: ResourceKind, key: &str) -> CloudResult<Vec<Tagged>> {
+        let filter = Filter::builder().name("tag-key").values(key).build();
+        let to_map = |tags: &[Tag]| -> BTreeMap<String, String> {
+            tags.iter()
+                .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or("").to_string())))
+                .collect()
+        };
+        let action = "Listing resources made by ec2-backup";
+        Ok(match kind {
+            ResourceKind::Instance => self
+                .ec2
+                .describe_instances()
+                .filters(filter)
+                .send()
+                .await
+                .map_err(|e| fail(action, e))?
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .map(|i| Tagged {
+                    id: i.instance_id().unwrap_or_default().to_string(),
+                    state: i
+                        .state()
+                        .and_then(|s| s.name())
+                        .map(|n| n.as_str().to_string())
+                        .unwrap_or_default(),
+                    tags: to_map(i.tags()),
+                })
+                .collect(),
+            ResourceKind::Volume => self
+                .ec2
+                .describe_volumes()
+                .filters(filter)
+                .send()
+                .await
+                .map_err(|e| fail(action, e))?
+                .volumes()
+                .iter()
+                .map(|v| Tagged {
+                    id: v.volume_id().unwrap_or_default().to_string(),
+                    state: v
+                        .state()
+                        .map(|s| s.as_str().to_string())
+                        .unwrap_or_default(),
+                    tags: to_map(v.tags()),
+                })
+                .collect(),
+            ResourceKind::SecurityGroup => self
+                .ec2
+                .describe_security_groups()
+                .filters(filter)
+                .send()
+                .await
+                .map_err(|e| fail(action, e))?
+                .security_groups()
+                .iter()
+                .map(|g| Tagged {
+                    id: g.group_id().unwrap_or_default().to_string(),
+                    state: "available".to_string(),
+                    tags: to_map(g.tags()),
+                })
+                .collect(),
+        })
     }
 }

@@ -2,6 +2,7 @@
 //! implementation is [`aws::AwsCloud`]; tests can wrap it to inject failures.
 
 pub mod aws;
+pub mod caller;
 pub mod wait;
 
 use thiserror::Error;
@@ -69,6 +70,14 @@ pub struct LaunchRequest {
     pub tags: Tags,
 }
 
+/// A resource found by its tags (for `gc`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tagged {
+    pub id: String,
+    pub state: String,
+    pub tags: std::collections::BTreeMap<String, String>,
+}
+
 /// CPU architecture of an instance type, as EC2 and the Amazon Linux parameters spell it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
@@ -110,5 +119,27 @@ pub trait Cloud {
     async fn instance_arch(&self, instance_type: &str) -> CloudResult<Arch>;
     /// Zones (sorted) where this instance type can be launched.
     async fn zones_for(&self, instance_type: &str) -> CloudResult<Vec<String>>;
-    async fn subnet_zone(&self, subnet_id: &str) -> CloudResult<String>;
+    /// The zone and VPC of a subnet.
+    async fn subnet_info(&self, subnet_id: &str) -> CloudResult<(String, String)>;
+    async fn default_vpc(&self) -> CloudResult<Option<String>>;
+
+    /// Creates a security group that lets `cidr` reach tcp/22 and nothing else in.
+    async fn create_ssh_group(
+        &self,
+        name: &str,
+        vpc: &str,
+        cidr: &str,
+        tags: &Tags,
+    ) -> CloudResult<String>;
+    async fn delete_security_group(&self, id: &str) -> CloudResult<()>;
+
+    /// Instances, volumes and security groups that carry the tag key `key`.
+    async fn tagged(&self, kind: ResourceKind, key: &str) -> CloudResult<Vec<Tagged>>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResourceKind {
+    Instance,
+    Volume,
+    SecurityGroup,
 }
