@@ -110,6 +110,66 @@ pub fn rsync_command(ssh: &Session, source: &Source) -> Result<Command, MethodEr
 }
 
 pub async fn backup(ssh: &Session, source: &Source) -> Result<Transfer, MethodError> {
+    let transfer = sync(ssh, source).await?;
+    let differences = verify(ssh, source).await?;
+    if differences.is_empty() {
+        return Ok(transfer);
+    }
+    // A file changed while it was copied (a live system), or the copy is wrong: either
+    // way the volume does not hold the directory as it is now.
+    eprintln!(
+        "ec2-backup: warning: after the transfer, {} entries differ between the directory and the volume by checksum:",
+        differences.len()
+    );
+    for d in differences.iter().take(20) {
+        eprintln!("  {d}");
+    }
+    Ok(Transfer {
+        incomplete: true,
+        ..transfer
+    })
+}
+
+/// Proves the volume holds the directory: a dry run of the same mirror comparing full
+/// checksums, which must find nothing to change. Returns rsync's itemized differences.
+pub async fn verify(ssh: &Session, source: &Source) -> Result<Vec<String>, MethodError> {
+    let mut cmd = rsync_command(ssh, source)?;
+    cmd.args([
+        "--dry-run",
+        "--checksum",
+        "--itemize-changes",
+        "--out-format=%i %n%L",
+    ]);
+    detach_from_terminal_signals(&mut cmd);
+    let out = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| MethodError::Spawn {
+            program: "rsync",
+            source: e,
+        })?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match out.status.code() {
+        Some(0) | Some(23) | Some(24) => Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect()),
+        Some(10) | Some(12) | Some(30) | Some(35) | Some(255) => Err(MethodError::Cut(
+            describe_failure(out.status.code(), &stderr),
+        )),
+        code => Err(MethodError::Failed(format!(
+            "verifying the copy with rsync failed: {}",
+            describe_failure(code, &stderr)
+        ))),
+    }
+}
+
+async fn sync(ssh: &Session, source: &Source) -> Result<Transfer, MethodError> {
     let mut cmd = rsync_command(ssh, source)?;
     detach_from_terminal_signals(&mut cmd);
     let out = cmd
