@@ -51,6 +51,27 @@ pub struct Cli {
     pub dir: PathBuf,
 }
 
+/// `ec2-backup gc [--yes] [--older-than HOURS]`
+#[derive(Debug, Parser)]
+#[command(
+    name = "ec2-backup gc",
+    about = "Find, and with --yes remove, what killed ec2-backup runs left behind.",
+    long_about = "Find, and with --yes remove, what killed ec2-backup runs (kill -9, power loss) \
+left behind: helper instances, temporary security groups, and volumes a run created whose \
+backup never completed. Completed backups, volumes named with -v and anything the tool did not \
+tag are never touched. A run started on this host counts as abandoned when its process is \
+gone; a run from another host when it is older than --older-than."
+)]
+pub struct GcCli {
+    /// Remove what was found (without it, only show)
+    #[arg(long)]
+    pub yes: bool,
+
+    /// Age after which a run from another host counts as abandoned
+    #[arg(long, value_name = "HOURS", default_value_t = 24)]
+    pub older_than: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

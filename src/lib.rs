@@ -10,6 +10,7 @@ pub mod cloud;
 pub mod device;
 pub mod error;
 pub mod flags;
+pub mod gc;
 pub mod keys;
 pub mod ledger;
 pub mod method;
