@@ -150,3 +150,75 @@ fn existing_volume_in_another_zone_launches_the_helper_there() {
     assert!(tree::differences(&src, &out, &[]).is_empty());
     assert_no_live_instances();
 }
+
+/// An identity AWS knows nothing about (named in EC2_BACKUP_FLAGS_SSH, with `~`) reaches the
+/// helper through the cloud-config the tool gives it; the key pair's private key is absent.
+#[test]
+fn ssh_flags_identity_unknown_to_aws_still_works() {
+    let home = scratch();
+    let ssh_dir = home.path().join(".ssh");
+    fs::create_dir(&ssh_dir).unwrap();
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(ssh_dir.join("mine"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // A key pair whose private half nobody here has.
+    let other = tempfile::tempdir().unwrap();
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(other.path().join("k"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let public = fs::read_to_string(other.path().join("k.pub")).unwrap();
+    let name = format!("elsewhere-{}", std::process::id());
+    boto(&format!(
+        "ec2.import_key_pair(KeyName='{name}', PublicKeyMaterial=b'{}')",
+        public.trim()
+    ));
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"identity test").unwrap();
+    let run = run(ec2_backup()
+        .env("HOME", home.path())
+        .env("EC2_BACKUP_FLAGS_AWS", format!("--key-name {name}"))
+        .env(
+            "EC2_BACKUP_FLAGS_SSH",
+            "-i ~/.ssh/mine -o IdentitiesOnly=yes",
+        )
+        .arg(&src));
+    let vol = run.volume_id();
+    let out = s.path().join("out");
+    fs::create_dir(&out).unwrap();
+    extract_dd(&vol, &out);
+    assert!(tree::differences(&src, &out, &[]).is_empty());
+    assert!(
+        !home.path().join(".ssh/EC2-Backup-Key").exists(),
+        "no default key was made"
+    );
+    assert_no_live_instances();
+}
+
+/// `.` is a directory like any other (the tool resolves it before anything else).
+#[test]
+fn dot_is_the_current_directory() {
+    let s = scratch();
+    let src = s.path().join("here");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"dot").unwrap();
+    let run = run(ec2_backup().current_dir(&src).arg("."));
+    let vol = run.volume_id();
+    let v = volume(&vol).unwrap();
+    let recorded = v["tags"]["ec2-backup:source-dir"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(Path::new(&recorded), fs::canonicalize(&src).unwrap());
+    let out = s.path().join("out");
+    fs::create_dir(&out).unwrap();
+    extract_dd(&vol, &out);
+    assert!(tree::differences(&src, &out, &[]).is_empty());
+}
