@@ -23,7 +23,12 @@ Environment:
   EC2_BACKUP_FLAGS_SSH     extra flags for every ssh (and rsync's ssh), e.g. -i ~/.ssh/other
   EC2_BACKUP_VERBOSE       when set, report each step on stderr
   EC2_BACKUP_BOOT_TIMEOUT  seconds the helper may take to accept ssh (default 300)
+  EC2_BACKUP_SSH_CIDR      the address allowed to reach the helper's ssh port (default:
+                           this machine's public address, from checkip.amazonaws.com)
   AWS_PROFILE, AWS_REGION, AWS_ENDPOINT_URL, ...  the standard AWS configuration
+
+Other commands:
+  ec2-backup gc [--yes]    find (and remove) what killed runs left behind
 
 Exit status: 0 done; 1 failed (cleaned up); 2 bad input (nothing created);
 3 some files unreadable (the rest is on the printed volume); 4 cleanup incomplete;
@@ -33,7 +38,8 @@ Exit status: 0 done; 1 failed (cleaned up); 2 bad input (nothing created);
 #[command(
     name = "ec2-backup",
     version,
-    about = ABOUT,
+    about = "Back up a directory into an Amazon EBS volume",
+    long_about = ABOUT,
     after_help = AFTER,
     disable_version_flag = true
 )]
@@ -45,6 +51,15 @@ pub struct Cli {
     /// Back up into this existing volume instead of creating one
     #[arg(short = 'v', value_name = "volume-id")]
     pub volume: Option<String>,
+
+    /// Print one JSON object (volume ID, bytes, checksum, duration, costs) instead of the
+    /// bare volume ID
+    #[arg(long)]
+    pub json: bool,
+
+    /// Show what would be created and roughly what it costs; create nothing
+    #[arg(long)]
+    pub dry_run: bool,
 
     /// The directory to back up
     #[arg(value_name = "dir")]

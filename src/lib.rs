@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod cloud;
+pub mod cost;
 pub mod device;
 pub mod error;
 pub mod flags;
@@ -14,6 +15,7 @@ pub mod gc;
 pub mod keys;
 pub mod ledger;
 pub mod method;
+pub mod output;
 pub mod plan;
 pub mod prepare;
 pub mod quote;

@@ -8,8 +8,9 @@ use clap::Parser;
 use ec2_backup::cli::{Cli, GcCli};
 use ec2_backup::error::{exit, sentence, Error};
 use ec2_backup::gc::GcOptions;
+use ec2_backup::output;
 use ec2_backup::prepare::Options;
-use ec2_backup::run;
+use ec2_backup::run::{self, Done};
 
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -24,7 +25,7 @@ fn main() -> ExitCode {
         }
         Err(e) => return fail(&usage_error(&e), exit::INPUT),
     };
-    let options = match Options::new(&cli.method, cli.volume, cli.dir) {
+    let options = match Options::new(cli) {
         Ok(o) => o,
         Err(e) => return fail(&e.to_string(), e.exit_code()),
     };
@@ -37,13 +38,17 @@ fn main() -> ExitCode {
             )
         }
     };
+    let as_json = options.json;
+    let method = options.method;
     match runtime.block_on(run::run(options)) {
-        Ok(outcome) => {
-            let mut out = std::io::stdout().lock();
-            if writeln!(out, "{}", outcome.volume_id)
-                .and_then(|_| out.flush())
-                .is_err()
-            {
+        Ok(Done::DryRun(plan)) => {
+            if print(&output::dry_run(&plan, method, as_json)).is_err() {
+                return ExitCode::from(exit::FAILED as u8);
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Done::Backup(outcome)) => {
+            if print(&output::backup(&outcome, as_json)).is_err() {
                 return ExitCode::from(exit::FAILED as u8);
             }
             if !outcome.leftovers.is_empty() {
@@ -149,6 +154,12 @@ fn usage_error(e: &clap::Error) -> String {
         }
     };
     format!("{first}; usage: ec2-backup [-h] [-m method] [-v volume-id] dir")
+}
+
+fn print(text: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")?;
+    out.flush()
 }
 
 fn fail(message: &str, code: i32) -> ExitCode {

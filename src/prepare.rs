@@ -28,11 +28,21 @@ pub struct Options {
     pub verbose: bool,
     /// How long the helper may take to accept ssh after it is running.
     pub boot_timeout: Duration,
+    pub json: bool,
+    pub dry_run: bool,
 }
 
 impl Options {
     /// Builds the options from the parsed command line and the process environment.
-    pub fn new(method: &str, volume: Option<String>, dir: PathBuf) -> Result<Self, Error> {
+    pub fn new(cli: crate::cli::Cli) -> Result<Self, Error> {
+        let crate::cli::Cli {
+            method,
+            volume,
+            dir,
+            json,
+            dry_run,
+        } = cli;
+        let method = method.as_str();
         let method = Method::parse(method).ok_or_else(|| {
             Error::Usage(format!("unknown method '{method}': use -m dd or -m rsync"))
         })?;
@@ -66,6 +76,8 @@ impl Options {
             home,
             verbose: std::env::var_os("EC2_BACKUP_VERBOSE").is_some_and(|v| !v.is_empty()),
             boot_timeout,
+            json,
+            dry_run,
         })
     }
 }
@@ -91,7 +103,9 @@ pub struct Plan {
     pub new_volume_gib: i32,
     pub zone: String,
     pub instance_type: String,
+    pub arch: Arch,
     pub image_id: String,
+    pub region: String,
     pub key_name: String,
     pub key: KeyPlan,
     /// The security group to make for the helper, unless the user named their own.
@@ -272,7 +286,9 @@ pub async fn decide<C: Cloud>(
         existing_volume,
         zone,
         instance_type,
+        arch,
         image_id,
+        region: region.to_string(),
         key_name,
         key,
         ssh_group,

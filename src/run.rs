@@ -29,6 +29,12 @@ const STATE_LIMIT: Duration = Duration::from_secs(300);
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub volume_id: String,
+    pub size_gib: i32,
+    pub method: Method,
+    pub instance_type: String,
+    pub zone: String,
+    pub region: String,
+    pub seconds: f64,
     pub transfer: Transfer,
     /// What the teardown after a successful backup could not remove.
     pub leftovers: Vec<String>,
@@ -77,7 +83,15 @@ impl Signals {
 }
 
 /// Runs a backup as the options say.
-pub async fn run(options: Options) -> Result<Outcome, Failure> {
+/// What a run produced: a backup, or with `--dry-run` only the plan.
+#[derive(Debug)]
+pub enum Done {
+    Backup(Outcome),
+    DryRun(Box<Plan>),
+}
+
+pub async fn run(options: Options) -> Result<Done, Failure> {
+    let started = std::time::Instant::now();
     let report = Reporter::new(options.verbose);
     let mut signals =
         Signals::new().map_err(|e| Error::Usage(format!("cannot handle signals: {e}")))?;
@@ -88,6 +102,9 @@ pub async fn run(options: Options) -> Result<Outcome, Failure> {
         p = prepare::decide(&cloud, &region, &options, local, &report) => p?,
         e = signals.recv() => return Err(e.into()),
     };
+    if options.dry_run {
+        return Ok(Done::DryRun(Box::new(plan)));
+    }
     let workdir = tempfile::Builder::new()
         .prefix("ec2-backup.")
         .tempdir()
@@ -100,13 +117,14 @@ pub async fn run(options: Options) -> Result<Outcome, Failure> {
         ssh: Mutex::new(None),
         report,
         run_id: new_run_id(),
+        started,
     };
     let result = tokio::select! {
         r = job.execute(workdir.path()) => r,
         e = signals.recv() => Err(e),
     };
     match result {
-        Ok(outcome) => Ok(outcome),
+        Ok(outcome) => Ok(Done::Backup(outcome)),
         Err(error) => {
             job.report.step(&format!("failed: {error}; cleaning up"));
             let leftovers = job.cleanup(&mut signals).await;
@@ -124,6 +142,7 @@ struct Job {
     ssh: Mutex<Option<Session>>,
     report: Reporter,
     run_id: String,
+    started: std::time::Instant,
 }
 
 impl Job {
@@ -275,6 +294,12 @@ impl Job {
         let leftovers = self.ledger.unwind(cloud, None, report).await;
         Ok(Outcome {
             volume_id,
+            size_gib,
+            method: self.options.method,
+            instance_type: plan.instance_type.clone(),
+            zone: plan.zone.clone(),
+            region: plan.region.clone(),
+            seconds: self.started.elapsed().as_secs_f64(),
             transfer,
             leftovers,
         })
@@ -286,7 +311,12 @@ impl Job {
             skip_contents_of: self.plan.inventory.pseudo_mounts.clone(),
         };
         match self.options.method {
-            Method::Dd => Ok(dd::backup(ssh, &source, dev).await?),
+            Method::Dd => {
+                // The archive is about the data plus a header or two per entry.
+                let estimate = self.plan.inventory.data_bytes + self.plan.inventory.entries * 1536;
+                let bar = progress_bar(estimate);
+                Ok(dd::backup(ssh, &source, dev, &bar).await?)
+            }
             Method::Rsync => {
                 self.ledger.record(Resource::Mount);
                 if rsync::mount(ssh, dev, volume_id).await? {
@@ -404,6 +434,20 @@ fn describe(r: &Resource) -> String {
         Resource::Mount => "the mount on the helper".to_string(),
         Resource::SecurityGroup(id) => format!("the security group {id}"),
     }
+}
+
+/// Bytes, rate and ETA on stderr, drawn only when stderr is a terminal.
+fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bytes:>10} of ~{total_bytes} at {bytes_per_sec}, {eta} left {wide_bar}",
+    ) {
+        bar.set_style(style);
+    }
+    bar
 }
 
 fn new_run_id() -> String {

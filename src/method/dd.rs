@@ -44,7 +44,12 @@ pub fn tar_command(source: &Source) -> Command {
     cmd
 }
 
-pub async fn backup(ssh: &Session, source: &Source, device: &str) -> Result<Transfer, MethodError> {
+pub async fn backup(
+    ssh: &Session,
+    source: &Source,
+    device: &str,
+    progress: &indicatif::ProgressBar,
+) -> Result<Transfer, MethodError> {
     let mut tar = tar_command(source);
     detach_from_terminal_signals(&mut tar);
     let mut tar = tar
@@ -84,12 +89,14 @@ pub async fn backup(ssh: &Session, source: &Source, device: &str) -> Result<Tran
         }
         hasher.update(&buf[..n]);
         bytes += n as u64;
+        progress.inc(n as u64);
         if let Err(e) = to_helper.write_all(&buf[..n]).await {
             cut = Some(e.to_string());
             break;
         }
     }
     drop(to_helper);
+    progress.finish_and_clear();
     let local = hex::encode(hasher.finalize());
 
     let out = writer

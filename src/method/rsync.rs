@@ -3,6 +3,8 @@
 //! Reusing a volume is incremental and mirrors deletions; `lost+found` is left alone.
 
 use std::ffi::OsString;
+use std::io::IsTerminal;
+use std::os::fd::AsFd;
 use std::process::Stdio;
 
 use tokio::process::Command;
@@ -172,9 +174,20 @@ pub async fn verify(ssh: &Session, source: &Source) -> Result<Vec<String>, Metho
 async fn sync(ssh: &Session, source: &Source) -> Result<Transfer, MethodError> {
     let mut cmd = rsync_command(ssh, source)?;
     detach_from_terminal_signals(&mut cmd);
+    // On a terminal, rsync's own overall progress line goes to stderr (never stdout).
+    let progress = if std::io::stderr().is_terminal() {
+        cmd.arg("--info=progress2");
+        std::io::stderr()
+            .as_fd()
+            .try_clone_to_owned()
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null())
+    } else {
+        Stdio::null()
+    };
     let out = cmd
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(progress)
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .output()

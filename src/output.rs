@@ -1,0 +1,127 @@
+//! What goes to stdout: the volume ID (or one JSON object with `--json`), or with
+//! `--dry-run` the plan and its estimated cost.
+
+use serde_json::json;
+
+use crate::cost;
+use crate::keys::KeyPlan;
+use crate::method::Method;
+use crate::prepare::Plan;
+use crate::run::Outcome;
+
+/// Dollars to a millionth, so that JSON shows 0.000348 rather than float noise.
+fn micro(usd: f64) -> f64 {
+    (usd * 1e6).round() / 1e6
+}
+
+pub fn backup(o: &Outcome, as_json: bool) -> String {
+    if !as_json {
+        return o.volume_id.clone();
+    }
+    json!({
+        "volume_id": o.volume_id,
+        "volume_size_gib": o.size_gib,
+        "method": o.method.as_str(),
+        "bytes": o.transfer.bytes,
+        "sha256": o.transfer.sha256,
+        "complete": !o.transfer.incomplete,
+        "duration_seconds": (o.seconds * 10.0).round() / 10.0,
+        "region": o.region,
+        "zone": o.zone,
+        "instance_type": o.instance_type,
+        "instance_cost_usd": cost::instance_usd(&o.instance_type, o.seconds).map(micro),
+        "volume_cost_usd_per_month": cost::volume_usd_per_month(o.size_gib),
+    })
+    .to_string()
+}
+
+pub fn dry_run(plan: &Plan, method: Method, as_json: bool) -> String {
+    let size = plan
+        .existing_volume
+        .as_ref()
+        .map(|v| v.size_gib)
+        .unwrap_or(plan.new_volume_gib);
+    let seconds = cost::estimated_seconds(plan.inventory.data_bytes);
+    let instance_cost = cost::instance_usd(&plan.instance_type, seconds);
+    let volume_cost = cost::volume_usd_per_month(size);
+    let key = match &plan.key {
+        KeyPlan::Existing { .. } => None,
+        KeyPlan::Create { path } => Some(format!(
+            "create the key pair {} and save its private key to {}",
+            plan.key_name,
+            path.display()
+        )),
+        KeyPlan::Import { path, .. } => Some(format!(
+            "import {} as the key pair {}",
+            path.display(),
+            plan.key_name
+        )),
+    };
+    if as_json {
+        return json!({
+            "dry_run": true,
+            "directory": plan.dir.to_string_lossy(),
+            "entries": plan.inventory.entries,
+            "data_bytes": plan.inventory.data_bytes,
+            "method": method.as_str(),
+            "region": plan.region,
+            "zone": plan.zone,
+            "instance_type": plan.instance_type,
+            "architecture": plan.arch.as_str(),
+            "image_id": plan.image_id,
+            "existing_volume": plan.existing_volume.as_ref().map(|v| &v.id),
+            "new_volume_gib": plan.existing_volume.is_none().then_some(plan.new_volume_gib),
+            "key_pair": key,
+            "security_group_ingress": plan.ssh_group.as_ref().map(|g| &g.cidr),
+            "estimated_seconds": seconds.round(),
+            "estimated_instance_cost_usd": instance_cost.map(micro),
+            "volume_cost_usd_per_month": volume_cost,
+        })
+        .to_string();
+    }
+    let mut lines = vec![format!(
+        "Back up {} ({} entries, {} MiB of data) with {}:",
+        plan.dir.display(),
+        plan.inventory.entries,
+        plan.inventory.data_bytes.div_ceil(1 << 20),
+        method.as_str()
+    )];
+    if let Some(k) = key {
+        lines.push(format!("  {k}"));
+    }
+    if let Some(g) = &plan.ssh_group {
+        lines.push(format!(
+            "  create a security group in {} admitting ssh from {} only",
+            g.vpc, g.cidr
+        ));
+    }
+    lines.push(format!(
+        "  launch a {} ({}) helper from {} in {}",
+        plan.instance_type,
+        plan.arch.as_str(),
+        plan.image_id,
+        plan.zone
+    ));
+    match &plan.existing_volume {
+        Some(v) => lines.push(format!(
+            "  write to the existing volume {} ({} GiB)",
+            v.id, v.size_gib
+        )),
+        None => lines.push(format!(
+            "  create an encrypted {} GiB gp3 volume in {}",
+            plan.new_volume_gib, plan.zone
+        )),
+    }
+    let instance = match instance_cost {
+        Some(c) => format!("about ${c:.4} for the helper (~{:.0} min)", seconds / 60.0),
+        None => format!(
+            "the helper's price for {} is not known here",
+            plan.instance_type
+        ),
+    };
+    lines.push(format!(
+        "Estimated cost (us-east-1 list prices): {instance}; the volume about ${volume_cost:.2} per month while kept."
+    ));
+    lines.push("Nothing was created.".to_string());
+    lines.join("\n")
+}
