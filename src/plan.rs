@@ -6,10 +6,11 @@
 //! pseudo-filesystems (proc, sysfs, tmpfs, ...) mounted below the directory, which are also
 //! excluded from the transfer.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
 
 use thiserror::Error;
 
@@ -113,51 +114,149 @@ pub fn fits(footprint: u64, size_gib: i32, filesystem: bool) -> bool {
 }
 
 /// Walks `root` (canonical) and sums what a backup of it holds.
+///
+/// The walk is spread over a few threads (it is bound by system calls, one `statx` per
+/// regular file; directories and links are typed from `readdir` alone), sharing a stack of
+/// directories still to read.
 pub fn inventory(root: &Path) -> Inventory {
     let pseudo: HashSet<PathBuf> = pseudo_mounts_below(root).into_iter().collect();
-    let mut inv = Inventory::default();
-    let mut seen_links: HashSet<(u64, u64)> = HashSet::new();
-    let mut stack = vec![root.to_path_buf()];
-    inv.entries = 1;
-    inv.footprint = 1024;
-    while let Some(dir) = stack.pop() {
-        let reader = match fs::read_dir(&dir) {
-            Ok(r) => r,
-            Err(_) => {
-                inv.unreadable.push(dir);
-                continue;
+    let queue = Queue {
+        state: Mutex::new((vec![root.to_path_buf()], 0)),
+        ready: Condvar::new(),
+    };
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 8);
+    let parts: Vec<Part> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| scope.spawn(|| walk_part(root, &pseudo, &queue)))
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    let mut inv = Inventory {
+        entries: 1,
+        footprint: 1024,
+        ..Inventory::default()
+    };
+    let mut links: HashMap<(u64, u64), u64> = HashMap::new();
+    for part in parts {
+        inv.entries += part.inv.entries;
+        inv.footprint += part.inv.footprint;
+        inv.data_bytes += part.inv.data_bytes;
+        inv.pseudo_mounts.extend(part.inv.pseudo_mounts);
+        inv.unreadable.extend(part.inv.unreadable);
+        links.extend(part.links);
+    }
+    // A hard-linked file counts once, whichever thread saw it.
+    for used in links.values() {
+        inv.data_bytes += used;
+        inv.footprint += used.div_ceil(4096) * 4096;
+    }
+    inv.pseudo_mounts.sort();
+    inv.unreadable.sort();
+    inv
+}
+
+/// Directories still to read, and how many workers are reading one now.
+struct Queue {
+    state: Mutex<(Vec<PathBuf>, usize)>,
+    ready: Condvar,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<PathBuf>, usize)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next directory, or None when none is left and no worker can add more.
+    fn next(&self) -> Option<PathBuf> {
+        let mut g = self.lock();
+        loop {
+            if let Some(dir) = g.0.pop() {
+                g.1 += 1;
+                return Some(dir);
             }
+            if g.1 == 0 {
+                self.ready.notify_all();
+                return None;
+            }
+            g = self.ready.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn done(&self, found: Vec<PathBuf>) {
+        let mut g = self.lock();
+        g.0.extend(found);
+        g.1 -= 1;
+        self.ready.notify_all();
+    }
+}
+
+/// One worker's share: counts, plus hard-linked files by identity for the merge.
+#[derive(Default)]
+struct Part {
+    inv: Inventory,
+    links: Vec<((u64, u64), u64)>,
+}
+
+fn walk_part(root: &Path, pseudo: &HashSet<PathBuf>, queue: &Queue) -> Part {
+    let mut part = Part::default();
+    while let Some(dir) = queue.next() {
+        let mut found = Vec::new();
+        read_one(root, pseudo, &dir, &mut part, &mut found);
+        queue.done(found);
+    }
+    part
+}
+
+fn read_one(
+    root: &Path,
+    pseudo: &HashSet<PathBuf>,
+    dir: &Path,
+    part: &mut Part,
+    found: &mut Vec<PathBuf>,
+) {
+    let inv = &mut part.inv;
+    let reader = match fs::read_dir(dir) {
+        Ok(r) => r,
+        Err(_) => {
+            inv.unreadable.push(dir.to_path_buf());
+            return;
+        }
+    };
+    for entry in reader {
+        let Ok(entry) = entry else {
+            inv.unreadable.push(dir.to_path_buf());
+            continue;
         };
-        for entry in reader {
-            let Ok(entry) = entry else {
-                inv.unreadable.push(dir.clone());
-                continue;
-            };
+        let Ok(kind) = entry.file_type() else {
+            inv.unreadable.push(entry.path());
+            continue;
+        };
+        inv.entries += 1;
+        inv.footprint += 1024;
+        if kind.is_dir() {
+            let path = entry.path();
+            if pseudo.contains(&path) {
+                inv.pseudo_mounts.push(relative(root, &path));
+            } else {
+                found.push(path);
+            }
+        } else if kind.is_file() {
             let Ok(meta) = entry.metadata() else {
                 inv.unreadable.push(entry.path());
                 continue;
             };
-            inv.entries += 1;
-            inv.footprint += 1024;
-            let path = entry.path();
-            if meta.is_dir() {
-                if pseudo.contains(&path) {
-                    inv.pseudo_mounts.push(relative(root, &path));
-                } else {
-                    stack.push(path);
-                }
-            } else if meta.is_file() {
-                if meta.nlink() > 1 && !seen_links.insert((meta.dev(), meta.ino())) {
-                    continue;
-                }
-                let used = (meta.blocks() * 512).min(meta.len());
+            let used = (meta.blocks() * 512).min(meta.len());
+            if meta.nlink() > 1 {
+                part.links.push(((meta.dev(), meta.ino()), used));
+            } else {
                 inv.data_bytes += used;
                 inv.footprint += used.div_ceil(4096) * 4096;
             }
         }
     }
-    inv.pseudo_mounts.sort();
-    inv
 }
 
 fn relative(root: &Path, path: &Path) -> String {

@@ -114,12 +114,12 @@ pub struct Plan {
     pub extra_authorized_keys: Vec<String>,
 }
 
-/// What is known before any cloud call: the directory, its inventory, and the public keys of
-/// the identities the ssh flags name.
+/// What is checked before any cloud call: the directory, and the public keys of the
+/// identities the ssh flags name. (The directory's inventory is taken while the cloud
+/// lookups run.)
 #[derive(Debug, Clone)]
 pub struct Local {
     pub dir: PathBuf,
-    pub inventory: Inventory,
     pub extra_authorized_keys: Vec<String>,
 }
 
@@ -146,17 +146,24 @@ pub fn check_local(options: &Options, report: &Reporter) -> Result<Local, Error>
             Err(e) => report.warn(&format!("{e}; the helper will not know this identity")),
         }
     }
+    Ok(Local {
+        dir,
+        extra_authorized_keys: extra,
+    })
+}
+
+/// The sizing walk, on a blocking thread so the cloud lookups go on meanwhile.
+async fn take_inventory(dir: &std::path::Path, report: &Reporter) -> Result<Inventory, Error> {
     report.step(&format!("sizing {}", dir.display()));
-    let inventory = plan::inventory(&dir);
+    let owned = dir.to_path_buf();
+    let inventory = tokio::task::spawn_blocking(move || plan::inventory(&owned))
+        .await
+        .map_err(|e| Error::Invalid(format!("sizing {} failed: {e}", dir.display())))?;
     report.step(&format!(
         "{} entries, {} bytes of data",
         inventory.entries, inventory.data_bytes
     ));
-    Ok(Local {
-        dir,
-        inventory,
-        extra_authorized_keys: extra,
-    })
+    Ok(inventory)
 }
 
 /// The cloud lookups that decide the run. Independent lookups run concurrently.
@@ -169,7 +176,6 @@ pub async fn decide<C: Cloud>(
 ) -> Result<Plan, Error> {
     let Local {
         dir,
-        inventory,
         extra_authorized_keys,
     } = local;
     let instance_type = options
@@ -216,7 +222,8 @@ pub async fn decide<C: Cloud>(
         };
         Ok::<(Arch, String), crate::cloud::CloudError>((arch, image))
     };
-    let (volume, subnet, network, arch_image, zones, key_exists) = tokio::join!(
+    let (inventory, volume, subnet, network, arch_image, zones, key_exists) = tokio::join!(
+        take_inventory(&dir, report),
         volume_lookup,
         subnet_lookup,
         network,
@@ -224,6 +231,7 @@ pub async fn decide<C: Cloud>(
         cloud.zones_for(&instance_type),
         cloud.key_pair_exists(&key_name),
     );
+    let inventory = inventory?;
     let volume = volume?;
     let (arch, image_id) = arch_image?;
     let zones = zones?;
