@@ -23,6 +23,8 @@ pub fn backup(o: &Outcome, as_json: bool) -> String {
         "volume_size_gib": o.size_gib,
         "method": o.method.as_str(),
         "bytes": o.transfer.bytes,
+        "wire": o.transfer.wire,
+        "wire_bytes": o.transfer.wire.map(|_| o.transfer.wire_bytes),
         "sha256": o.transfer.sha256,
         "complete": !o.transfer.incomplete,
         "duration_seconds": (o.seconds * 10.0).round() / 10.0,

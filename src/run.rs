@@ -264,7 +264,14 @@ impl Job {
             report.step(&format!("{volume_id} is {dev} on the helper; transferring"));
             self.transfer(ssh, &dev, &volume_id).await?
         };
-        report.step(&format!("transferred {} bytes; detaching", transfer.bytes));
+        let wire = match transfer.wire {
+            Some(w) => format!(" ({} on the wire, {w})", transfer.wire_bytes),
+            None => String::new(),
+        };
+        report.step(&format!(
+            "transferred {} bytes{wire}; detaching",
+            transfer.bytes
+        ));
 
         cloud.detach_volume(&volume_id, &instance_id).await?;
         wait::volume_state(cloud, &volume_id, "available", None, STATE_LIMIT).await?;

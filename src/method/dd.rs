@@ -10,16 +10,19 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
+use super::wire::{self, Wire, SAMPLE};
 use super::{MethodError, Source, Transfer};
 use crate::quote::glob_escape;
 use crate::ssh::{describe_failure, detach_from_terminal_signals, Session};
 
-/// Writes stdin to the device, fsyncs it, and prints the SHA-256 of what it wrote. OpenSSL's
-/// digest uses the CPU's SHA instructions (5x coreutils' sha256sum here), so it is preferred.
+/// Writes stdin (decompressed first when $2 is zstd) to the device, fsyncs it, and prints the
+/// SHA-256 of what it wrote. OpenSSL's digest uses the CPU's SHA instructions (5x coreutils'
+/// sha256sum here), so it is preferred.
 const WRITE_SCRIPT: &str = r#"set -euo pipefail
 if command -v openssl >/dev/null 2>&1; then digest() { openssl dgst -sha256 -r; }
 else digest() { sha256sum; }; fi
-tee -- "$1" | digest
+if [ "$2" = zstd ]; then zstd -q -d -c | tee -- "$1" | digest
+else tee -- "$1" | digest; fi
 sync -- "$1"
 "#;
 
@@ -65,8 +68,45 @@ pub async fn backup(
             program: "tar",
             source: e,
         })?;
+    let mut from_tar = tar.stdout.take().expect("piped");
+
+    // Look at the start of the archive, then decide how to send it.
+    let mut sample = Vec::with_capacity(SAMPLE);
+    while sample.len() < SAMPLE {
+        let before = sample.len();
+        (&mut from_tar)
+            .take((SAMPLE - before) as u64)
+            .read_to_end(&mut sample)
+            .await
+            .map_err(|e| MethodError::Failed(format!("reading from tar failed: {e}")))?;
+        if sample.len() == before {
+            break;
+        }
+    }
+    let wire = if sample.len() == SAMPLE {
+        let measured = wire::measure(&sample);
+        match measured.ratio <= 0.8 {
+            true => match wire::probe(ssh, &sample).await {
+                Some(link) => wire::choose(measured, link),
+                None => Wire::Plain,
+            },
+            false => Wire::Plain,
+        }
+    } else {
+        Wire::Plain
+    };
+
     let mut writer = ssh
-        .command(&["sudo", "-n", "bash", "-c", WRITE_SCRIPT, "write", device])?
+        .command(&[
+            "sudo",
+            "-n",
+            "bash",
+            "-c",
+            WRITE_SCRIPT,
+            "write",
+            device,
+            wire.as_str(),
+        ])?
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -75,14 +115,18 @@ pub async fn backup(
             program: "ssh",
             source: e,
         })?;
-
-    let mut from_tar = tar.stdout.take().expect("piped");
-    let mut to_helper = writer.stdin.take().expect("piped");
-    let mut hasher = Sha256::new();
-    let mut bytes = 0u64;
+    let mut sender = Sender {
+        to_helper: writer.stdin.take().expect("piped"),
+        hasher: Sha256::new(),
+        bytes: 0,
+        wire_bytes: 0,
+        wire,
+        progress,
+    };
+    let mut cut = sender.send(&sample).await.err();
+    drop(sample);
     let mut buf = vec![0u8; 1 << 20];
-    let mut cut = None;
-    loop {
+    while cut.is_none() {
         let n = from_tar
             .read(&mut buf)
             .await
@@ -90,14 +134,15 @@ pub async fn backup(
         if n == 0 {
             break;
         }
-        hasher.update(&buf[..n]);
-        bytes += n as u64;
-        progress.inc(n as u64);
-        if let Err(e) = to_helper.write_all(&buf[..n]).await {
-            cut = Some(e.to_string());
-            break;
-        }
+        cut = sender.send(&buf[..n]).await.err();
     }
+    let Sender {
+        to_helper,
+        hasher,
+        bytes,
+        wire_bytes,
+        ..
+    } = sender;
     drop(to_helper);
     progress.finish_and_clear();
     let local = hex::encode(hasher.finalize());
@@ -142,7 +187,42 @@ pub async fn backup(
         bytes,
         sha256: Some(local),
         incomplete,
+        wire: Some(wire.as_str()),
+        wire_bytes,
     })
+}
+
+/// The stream to the helper: every byte is hashed (as the volume will hold it), counted, and
+/// compressed into its own zstd frame when the wire is zstd.
+struct Sender<'a> {
+    to_helper: tokio::process::ChildStdin,
+    hasher: Sha256,
+    bytes: u64,
+    wire_bytes: u64,
+    wire: Wire,
+    progress: &'a indicatif::ProgressBar,
+}
+
+impl Sender<'_> {
+    async fn send(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.hasher.update(data);
+        self.bytes += data.len() as u64;
+        self.progress.inc(data.len() as u64);
+        match self.wire {
+            Wire::Plain => {
+                self.wire_bytes += data.len() as u64;
+                self.to_helper.write_all(data).await
+            }
+            Wire::Zstd => {
+                let frame = wire::compress(data)?;
+                self.wire_bytes += frame.len() as u64;
+                self.to_helper.write_all(&frame).await
+            }
+        }
+    }
 }
 
 #[cfg(test)]

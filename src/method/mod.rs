@@ -3,6 +3,7 @@
 
 pub mod dd;
 pub mod rsync;
+pub mod wire;
 
 use std::path::PathBuf;
 
@@ -47,6 +48,10 @@ pub struct Transfer {
     pub sha256: Option<String>,
     /// Some files could not be read: the backup holds everything else.
     pub incomplete: bool,
+    /// How the data travelled ("plain" or "zstd"), for dd.
+    pub wire: Option<&'static str>,
+    /// Bytes that crossed the link (less than `bytes` when compressed).
+    pub wire_bytes: u64,
 }
 
 /// Where the transfer gets its data and what it leaves out.
