@@ -19,6 +19,8 @@ use crate::run::hostname;
 pub const RUN_TAG: &str = "ec2-backup:run";
 /// Set only on volumes a run created, so that `gc` can never take a user's volume.
 pub const CREATED_VOLUME_TAG: &str = "ec2-backup:created-volume";
+/// Set when a run is done with a volume (complete or not): from then on it is a backup.
+pub const FINISHED_TAG: &str = "ec2-backup:finished";
 
 pub struct GcOptions {
     pub yes: bool,
@@ -106,6 +108,16 @@ pub async fn gc(options: &GcOptions) -> Result<GcReport, Error> {
     Ok(GcReport { lines, leftovers })
 }
 
+/// A volume a run created and never finished. A finished one is a backup, even an
+/// incomplete one (some files unreadable), whose ID the user was given: never collected.
+pub fn unfinished_volume(tags: &BTreeMap<String, String>) -> bool {
+    tags.get(CREATED_VOLUME_TAG).is_some_and(|x| x == "true")
+        && !tags.contains_key(FINISHED_TAG)
+        && !tags
+            .get("ec2-backup:completed")
+            .is_some_and(|x| x == "true")
+}
+
 /// Why a run's resource counts as abandoned, or None while its run may still be going.
 pub fn abandoned(
     tags: &BTreeMap<String, String>,
@@ -179,6 +191,28 @@ mod tests {
         assert!(abandoned(&t, "me", now, day, |_| true).is_none());
         let why = abandoned(&t, "me", now, day, |_| false).unwrap();
         assert!(why.contains("process 42"), "{why}");
+    }
+
+    #[test]
+    fn only_unfinished_volumes_the_tool_made_are_collectable() {
+        let made = (CREATED_VOLUME_TAG, "true");
+        assert!(unfinished_volume(&tags(&[
+            made,
+            ("ec2-backup:completed", "false")
+        ])));
+        assert!(!unfinished_volume(&tags(&[
+            made,
+            ("ec2-backup:completed", "true")
+        ])));
+        assert!(!unfinished_volume(&tags(&[
+            made,
+            (FINISHED_TAG, "2026-01-01T00:00:00Z")
+        ])));
+        // A user's volume (-v) never carries the created-volume tag.
+        assert!(!unfinished_volume(&tags(&[(
+            "ec2-backup:completed",
+            "false"
+        )])));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use ec2_backup::error::{exit, sentence, Error};
 use ec2_backup::gc::GcOptions;
 use ec2_backup::output;
 use ec2_backup::prepare::Options;
+use ec2_backup::report::say;
 use ec2_backup::run::{self, Done};
 
 fn main() -> ExitCode {
@@ -119,12 +120,14 @@ fn gc(args: &[std::ffi::OsString]) -> ExitCode {
     match runtime.block_on(ec2_backup::gc::gc(&options)) {
         Ok(report) => {
             for line in &report.lines {
-                println!("{line}");
+                if print(line).is_err() {
+                    return ExitCode::from(exit::FAILED as u8);
+                }
             }
             if report.lines.is_empty() {
-                eprintln!("ec2-backup: nothing left behind by ec2-backup runs.");
+                say("ec2-backup: nothing left behind by ec2-backup runs.");
             } else if !cli.yes {
-                eprintln!("ec2-backup: run 'ec2-backup gc --yes' to remove these.");
+                say("ec2-backup: run 'ec2-backup gc --yes' to remove these.");
             }
             if report.leftovers.is_empty() {
                 ExitCode::SUCCESS
@@ -163,6 +166,6 @@ fn print(text: &str) -> std::io::Result<()> {
 }
 
 fn fail(message: &str, code: i32) -> ExitCode {
-    eprintln!("ec2-backup: {}", sentence(message));
+    say(&format!("ec2-backup: {}", sentence(message)));
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

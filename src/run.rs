@@ -280,7 +280,7 @@ impl Job {
             instance: instance_id.clone(),
         });
         let mut done = self.volume_tags(!transfer.incomplete);
-        done.push(("ec2-backup:finished".into(), now()));
+        done.push((crate::gc::FINISHED_TAG.into(), now()));
         if let Some(sum) = &transfer.sha256 {
             done.push(("ec2-backup:sha256".into(), sum.clone()));
             done.push(("ec2-backup:bytes".into(), transfer.bytes.to_string()));
@@ -420,10 +420,10 @@ impl Job {
                         return pending.into_iter().map(|p| format!("{p} was left behind")).collect();
                     }
                     interrupted = true;
-                    eprintln!(
+                    crate::report::say(&format!(
                         "ec2-backup: {e} during cleanup; still removing {}; interrupt again to stop waiting and leave them.",
                         pending.join(", ")
-                    );
+                    ));
                 }
             }
         }

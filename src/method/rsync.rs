@@ -11,6 +11,7 @@ use tokio::process::Command;
 
 use super::{MethodError, Source, Transfer};
 use crate::quote::glob_escape;
+use crate::report::say;
 use crate::ssh::{describe_failure, detach_from_terminal_signals, Session};
 
 /// Where the volume is mounted on the helper.
@@ -119,12 +120,12 @@ pub async fn backup(ssh: &Session, source: &Source) -> Result<Transfer, MethodEr
     }
     // A file changed while it was copied (a live system), or the copy is wrong: either
     // way the volume does not hold the directory as it is now.
-    eprintln!(
+    say(&format!(
         "ec2-backup: warning: after the transfer, {} entries differ between the directory and the volume by checksum:",
         differences.len()
-    );
+    ));
     for d in differences.iter().take(20) {
-        eprintln!("  {d}");
+        say(&format!("  {d}"));
     }
     Ok(Transfer {
         incomplete: true,
@@ -199,7 +200,7 @@ async fn sync(ssh: &Session, source: &Source) -> Result<Transfer, MethodError> {
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Pass rsync's own messages on (unreadable files, vanished files).
     if !stderr.trim().is_empty() {
-        eprint!("{stderr}");
+        say(stderr.trim_end());
     }
     match out.status.code() {
         Some(0) | Some(24) => Ok(Transfer::default()),
