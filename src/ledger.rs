@@ -2,11 +2,13 @@
 //! in reverse when the run fails or is interrupted. A finished run takes out what it keeps
 //! (its volume, the key pair) and unwinds the rest the same way, so there is one teardown.
 
+use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::cloud::{wait, Cloud};
+use crate::cloud::{wait, Cloud, CloudError, CloudResult};
 use crate::method::rsync;
 use crate::report::Reporter;
 use crate::ssh::Session;
@@ -34,9 +36,43 @@ pub enum Resource {
 #[derive(Debug, Default)]
 pub struct Ledger {
     items: Mutex<Vec<Resource>>,
+    /// Create calls under way, whose results are not recorded yet.
+    in_flight: AtomicUsize,
 }
 
 impl Ledger {
+    /// Makes a create call that runs to its end even if the run is interrupted meanwhile
+    /// (the call is a task of its own, not part of the run's future), and records what it
+    /// made the moment EC2 answers. Cleanup waits for such calls with [`Ledger::settle`], so an
+    /// interrupt can never lose track of something EC2 made.
+    pub async fn create<T, F, R>(self: &Arc<Self>, call: F, resource: R) -> CloudResult<T>
+    where
+        F: Future<Output = CloudResult<T>> + Send + 'static,
+        T: Send + 'static,
+        R: FnOnce(&T) -> Resource + Send + 'static,
+    {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let ledger = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            let result = call.await;
+            if let Ok(made) = &result {
+                ledger.record(resource(made));
+            }
+            ledger.in_flight.fetch_sub(1, Ordering::SeqCst);
+            result
+        });
+        task.await
+            .unwrap_or_else(|e| Err(CloudError::new("A cloud call", e.to_string())))
+    }
+
+    /// Waits (up to `limit`) until no create call is under way.
+    pub async fn settle(&self, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        while self.in_flight.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn record(&self, r: Resource) {
         self.lock().push(r);
     }

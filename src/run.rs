@@ -2,6 +2,7 @@
 //! transfer, tear down; and on failure or signal, unwind the ledger.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -113,7 +114,7 @@ pub async fn run(options: Options) -> Result<Done, Failure> {
         cloud,
         options,
         plan,
-        ledger: Ledger::default(),
+        ledger: Arc::new(Ledger::default()),
         ssh: Mutex::new(None),
         report,
         run_id: new_run_id(),
@@ -137,7 +138,7 @@ struct Job {
     cloud: AwsCloud,
     options: Options,
     plan: Plan,
-    ledger: Ledger,
+    ledger: Arc<Ledger>,
     /// The connection to the helper, once there is one; cleanup uses it to unmount.
     ssh: Mutex<Option<Session>>,
     report: Reporter,
@@ -154,15 +155,18 @@ impl Job {
         let mut groups = self.options.launch.security_group_ids.clone();
         if let Some(g) = &plan.ssh_group {
             let name = format!("ec2-backup-{}", self.run_id);
-            let id = cloud
-                .create_ssh_group(
-                    &name,
-                    &g.vpc,
-                    &g.cidr,
-                    &self.tags(&[("Name", name.clone())]),
+            let (c, g2, tags) = (
+                cloud.clone(),
+                g.clone(),
+                self.tags(&[("Name", name.clone())]),
+            );
+            let id = self
+                .ledger
+                .create(
+                    async move { c.create_ssh_group(&name, &g2.vpc, &g2.cidr, &tags).await },
+                    |id: &String| Resource::SecurityGroup(id.clone()),
                 )
                 .await?;
-            self.ledger.record(Resource::SecurityGroup(id.clone()));
             report.step(&format!("created {id}: ssh from {} only", g.cidr));
             groups.push(id);
         }
@@ -183,8 +187,14 @@ impl Job {
             tags: self.tags(&[("Name", format!("ec2-backup helper {}", self.run_id))]),
         };
         report.step("launching the helper instance");
-        let instance_id = cloud.run_instance(&request).await?;
-        self.ledger.record(Resource::Instance(instance_id.clone()));
+        let c = cloud.clone();
+        let instance_id = self
+            .ledger
+            .create(
+                async move { c.run_instance(&request).await },
+                |id: &String| Resource::Instance(id.clone()),
+            )
+            .await?;
         report.step(&format!("launched {instance_id}"));
 
         // The volume is made ready while the instance boots.
@@ -194,10 +204,14 @@ impl Job {
             }
             let mut tags = self.volume_tags(false);
             tags.push((crate::gc::CREATED_VOLUME_TAG.into(), "true".into()));
-            let id = cloud
-                .create_volume(&plan.zone, plan.new_volume_gib, &tags)
+            let (c, zone, gib) = (cloud.clone(), plan.zone.clone(), plan.new_volume_gib);
+            let id = self
+                .ledger
+                .create(
+                    async move { c.create_volume(&zone, gib, &tags).await },
+                    |id: &String| Resource::Volume(id.clone()),
+                )
                 .await?;
-            self.ledger.record(Resource::Volume(id.clone()));
             report.step(&format!("created {id} ({} GiB)", plan.new_volume_gib));
             wait::volume_state(cloud, &id, "available", None, STATE_LIMIT).await?;
             Ok::<_, Error>((id, plan.new_volume_gib))
@@ -211,13 +225,16 @@ impl Job {
         let host = instance.address.unwrap_or_default();
         report.step(&format!("{instance_id} is running at {host}"));
 
-        cloud
-            .attach_volume(&volume_id, &instance_id, DEVICE)
+        let (c, v, i) = (cloud.clone(), volume_id.clone(), instance_id.clone());
+        self.ledger
+            .create(
+                async move { c.attach_volume(&v, &i, DEVICE).await.map(|()| (v, i)) },
+                |(volume, instance): &(String, String)| Resource::Attachment {
+                    volume: volume.clone(),
+                    instance: instance.clone(),
+                },
+            )
             .await?;
-        self.ledger.record(Resource::Attachment {
-            volume: volume_id.clone(),
-            instance: instance_id.clone(),
-        });
         let mut session = Session::new(
             &host,
             LOGIN_USER,
@@ -344,12 +361,19 @@ impl Job {
             KeyPlan::Existing { identity } => Ok(identity.clone()),
             KeyPlan::Create { path } => {
                 self.report.step(&format!("creating the key pair {name}"));
-                let pem = self.cloud.create_key_pair(name, &self.tags(&[])).await?;
+                let (c, n, tags) = (self.cloud.clone(), name.clone(), self.tags(&[]));
                 let bare = Resource::KeyPair {
                     name: name.clone(),
                     file: None,
                 };
-                self.ledger.record(bare.clone());
+                let made = bare.clone();
+                let pem = self
+                    .ledger
+                    .create(
+                        async move { c.create_key_pair(&n, &tags).await },
+                        move |_| made,
+                    )
+                    .await?;
                 keys::save_private_key(path, &pem)?;
                 self.ledger.forget(&bare);
                 self.ledger.record(Resource::KeyPair {
@@ -363,13 +387,22 @@ impl Job {
                     "importing {} as the key pair {name}",
                     path.display()
                 ));
-                self.cloud
-                    .import_key_pair(name, public_key, &self.tags(&[]))
-                    .await?;
-                self.ledger.record(Resource::KeyPair {
+                let (c, n, key, tags) = (
+                    self.cloud.clone(),
+                    name.clone(),
+                    public_key.clone(),
+                    self.tags(&[]),
+                );
+                let made = Resource::KeyPair {
                     name: name.clone(),
                     file: None,
-                });
+                };
+                self.ledger
+                    .create(
+                        async move { c.import_key_pair(&n, &key, &tags).await },
+                        move |_| made,
+                    )
+                    .await?;
                 Ok(Some(path.clone()))
             }
         }
@@ -406,9 +439,15 @@ impl Job {
     /// second one stops waiting and lists what is left.
     async fn cleanup(&self, signals: &mut Signals) -> Vec<String> {
         let guard = self.ssh.lock().await;
-        let unwind = self
-            .ledger
-            .unwind(&self.cloud, guard.as_ref(), &self.report);
+        let ledger = &self.ledger;
+        let unwind = async {
+            // A create call still under way when the run stopped is awaited, so that what
+            // it makes is in the ledger before the ledger is unwound.
+            ledger.settle(Duration::from_secs(180)).await;
+            ledger
+                .unwind(&self.cloud, guard.as_ref(), &self.report)
+                .await
+        };
         tokio::pin!(unwind);
         let mut interrupted = false;
         loop {

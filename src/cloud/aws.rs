@@ -24,6 +24,7 @@ use super::{
     Tagged, Tags, Volume,
 };
 
+#[derive(Clone)]
 pub struct AwsCloud {
     ec2: aws_sdk_ec2::Client,
     ssm: aws_sdk_ssm::Client,
