@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::cloud::{caller, Arch, Cloud, Volume};
+use crate::cloud::{caller, Arch, Cloud, CloudError, Volume};
 use crate::error::Error;
 use crate::flags::{LaunchFlags, SshFlags};
 use crate::keys::{self, KeyPlan, DEFAULT_KEY_NAME};
@@ -105,6 +105,8 @@ pub struct Plan {
     pub instance_type: String,
     pub arch: Arch,
     pub image_id: String,
+    /// The image's root device (given an encrypted volume at launch).
+    pub root_device: Option<String>,
     pub region: String,
     pub key_name: String,
     pub key: KeyPlan,
@@ -206,13 +208,22 @@ pub async fn decide<C: Cloud>(
     let make_group = options.launch.security_group_ids.is_empty();
     let network = async {
         if !make_group {
+            let missing = cloud
+                .missing_security_groups(&options.launch.security_group_ids)
+                .await?;
+            if !missing.is_empty() {
+                return Err(CloudError::config(
+                    "Checking EC2_BACKUP_FLAGS_AWS",
+                    format!("the security groups {} do not exist", missing.join(", ")),
+                ));
+            }
             return Ok((None, None));
         }
         let vpc = match &options.launch.subnet_id {
             Some(_) => None,
             None => cloud.default_vpc().await?,
         };
-        Ok::<_, crate::cloud::CloudError>((vpc, Some(caller::ingress_cidr().await?)))
+        Ok::<_, CloudError>((vpc, Some(caller::ingress_cidr().await?)))
     };
     let arch_and_image = async {
         let arch = cloud.instance_arch(&instance_type).await?;
@@ -220,7 +231,24 @@ pub async fn decide<C: Cloud>(
             Some(i) => i.clone(),
             None => cloud.current_image(arch).await?,
         };
-        Ok::<(Arch, String), crate::cloud::CloudError>((arch, image))
+        let action = "Checking the helper's image";
+        let Some((image_arch, root)) = cloud.image_info(&image).await? else {
+            return Err(CloudError::config(
+                action,
+                format!("the image {image} does not exist in {region}"),
+            ));
+        };
+        if image_arch != arch {
+            return Err(CloudError::config(
+                action,
+                format!(
+                    "the image {image} is {} but the instance type {instance_type} is {}",
+                    image_arch.as_str(),
+                    arch.as_str()
+                ),
+            ));
+        }
+        Ok::<(Arch, String, String), CloudError>((arch, image, root))
     };
     let (inventory, volume, subnet, network, arch_image, zones, key_exists) = tokio::join!(
         take_inventory(&dir, report),
@@ -232,9 +260,9 @@ pub async fn decide<C: Cloud>(
         cloud.key_pair_exists(&key_name),
     );
     let inventory = inventory?;
-    let volume = volume?;
-    let (arch, image_id) = arch_image?;
-    let zones = zones?;
+    let volume = volume.map_err(input)?;
+    let (arch, image_id, root_device) = arch_image.map_err(input)?;
+    let zones = zones.map_err(input)?;
     let existing_volume = match (&options.volume, volume) {
         (Some(id), None) => Err(Error::Invalid(format!(
             "the volume {id} does not exist in {region}"
@@ -245,14 +273,14 @@ pub async fn decide<C: Cloud>(
         )))?,
         (None, _) => None,
     };
-    let subnet = subnet?;
-    let (default_vpc, cidr) = network?;
+    let subnet = subnet.map_err(input)?;
+    let (default_vpc, cidr) = network.map_err(input)?;
     let ssh_group = match (cidr, subnet.as_ref().map(|(_, vpc)| vpc.clone()).or(default_vpc)) {
         (None, _) => None,
         (Some(cidr), Some(vpc)) => Some(SshGroup { vpc, cidr }),
         (Some(_), None) => {
             return Err(Error::Invalid(format!(
-                "{region} has no default VPC; name a subnet and a security group that admits ssh with EC2_BACKUP_FLAGS_AWS=\"--subnet-id ID --security-group-ids ID\""
+                "there is no default VPC in {region}; name a subnet and a security group that admits ssh with EC2_BACKUP_FLAGS_AWS=\"--subnet-id ID --security-group-ids ID\""
             )))
         }
     };
@@ -279,7 +307,7 @@ pub async fn decide<C: Cloud>(
     let key = keys::plan(
         &key_name,
         options.launch.key_name.is_some(),
-        key_exists?,
+        key_exists.map_err(input)?,
         &options.home,
         region,
     )?;
@@ -296,6 +324,7 @@ pub async fn decide<C: Cloud>(
         instance_type,
         arch,
         image_id,
+        root_device: Some(root_device),
         region: region.to_string(),
         key_name,
         key,
@@ -304,18 +333,31 @@ pub async fn decide<C: Cloud>(
     })
 }
 
+/// A lookup that failed because of the user's input is bad input (exit 2), not a failure.
+fn input(e: CloudError) -> Error {
+    if e.is_bad_input() {
+        Error::Invalid(e.message)
+    } else {
+        Error::Cloud(e)
+    }
+}
+
 /// A `-v` volume must be free and big enough.
 fn check_volume(v: Volume, inventory: &Inventory, method: Method) -> Result<Volume, Error> {
     if v.state != "available" {
-        let user = v
-            .attachments
-            .first()
-            .map(|a| format!(" (attached to {})", a.instance))
-            .unwrap_or_default();
-        return Err(Error::Invalid(format!(
-            "the volume {} is {}{user}, not available; detach it first",
-            v.id, v.state
-        )));
+        let what = match v.state.as_str() {
+            "in-use" => {
+                let user = v
+                    .attachments
+                    .first()
+                    .map(|a| format!(" (attached to {})", a.instance))
+                    .unwrap_or_default();
+                format!("is in-use{user}; detach it first")
+            }
+            "creating" => "is still being created; wait until it is available".to_string(),
+            other => format!("is {other} and cannot be used"),
+        };
+        return Err(Error::Invalid(format!("the volume {} {what}", v.id)));
     }
     if !plan::fits(inventory.footprint, v.size_gib, method.uses_filesystem()) {
         return Err(Error::Invalid(format!(

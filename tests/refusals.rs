@@ -141,7 +141,7 @@ fn unknown_instance_type() {
             .env("EC2_BACKUP_FLAGS_AWS", "--instance-type t9.huge")
             .arg(d.path()),
     );
-    assert!(code > 0);
+    assert_eq!(code, 2);
     assert!(line.contains("t9.huge"), "{line}");
 }
 
@@ -179,4 +179,38 @@ fn key_pair_in_aws_but_private_key_missing() {
         line.contains("EC2-Backup-Key") && line.contains("private key"),
         "{line}"
     );
+}
+
+#[test]
+fn launch_flags_naming_nothing_are_refused_before_anything_is_made() {
+    let d = small_dir();
+    for (flags, expect) in [
+        ("--image-id ami-0123456789abcdef0", "does not exist"),
+        ("--security-group-ids sg-0123456789abcdef0", "do not exist"),
+        ("--subnet-id subnet-0123456789abcdef0", "subnet"),
+        (
+            "--instance-type t4g.micro --image-id ami-0d27e0fb3bac4d724",
+            "is x86_64 but",
+        ),
+    ] {
+        let (code, line) = refused(
+            ec2_backup()
+                .env("EC2_BACKUP_FLAGS_AWS", flags)
+                .arg(d.path()),
+        );
+        assert_eq!(code, 2, "{flags}: {line}");
+        assert!(line.contains(expect), "{flags}: {line}");
+    }
+}
+
+#[test]
+fn a_bad_ssh_cidr_is_refused() {
+    let d = small_dir();
+    let (code, line) = refused(
+        ec2_backup()
+            .env("EC2_BACKUP_SSH_CIDR", "0.0.0.0/99")
+            .arg(d.path()),
+    );
+    assert_eq!(code, 2);
+    assert!(line.contains("EC2_BACKUP_SSH_CIDR"), "{line}");
 }

@@ -10,10 +10,10 @@ use aws_config::BehaviorVersion;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::primitives::Blob;
 use aws_sdk_ec2::types::{
-    ArchitectureType, Filter, HttpTokensState, IamInstanceProfileSpecification,
-    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest, InstanceType, IpPermission,
-    IpRange, Ipv6Range, KeyType, LocationType, Placement, ResourceType, ShutdownBehavior, Tag,
-    TagSpecification, VolumeType,
+    ArchitectureType, BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState,
+    IamInstanceProfileSpecification, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
+    InstanceType, IpPermission, IpRange, Ipv6Range, KeyType, LocationType, Placement, ResourceType,
+    ShutdownBehavior, Tag, TagSpecification, VolumeType,
 };
 use base64::Engine;
 
@@ -45,7 +45,7 @@ pub async fn connect() -> CloudResult<AwsCloud> {
         .load()
         .await;
     let region = config.region().map(|r| r.to_string()).ok_or_else(|| {
-        CloudError::new(
+        CloudError::config(
             "Loading the AWS configuration",
             "no AWS region is configured; set AWS_REGION or a region in ~/.aws/config",
         )
@@ -76,10 +76,10 @@ where
         SdkError::TimeoutError(_) => (None, "the request timed out".to_string()),
         SdkError::DispatchFailure(d) => (
             None,
-            format!("the AWS endpoint could not be reached ({d:?})")
-                .chars()
-                .take(300)
-                .collect(),
+            match d.as_connector_error() {
+                Some(c) => format!("the AWS endpoint could not be reached ({c})"),
+                None => "the AWS endpoint could not be reached".to_string(),
+            },
         ),
         other => (None, other.to_string()),
     };
@@ -240,6 +240,19 @@ impl Cloud for AwsCloud {
             .set_iam_instance_profile(profile)
             .set_placement(placement)
             .user_data(user_data)
+            .set_block_device_mappings(r.root_device.as_ref().map(|dev| {
+                // The helper's own disk is encrypted too, and goes with it.
+                vec![BlockDeviceMapping::builder()
+                    .device_name(dev)
+                    .ebs(
+                        EbsBlockDevice::builder()
+                            .encrypted(true)
+                            .delete_on_termination(true)
+                            .volume_type(VolumeType::Gp3)
+                            .build(),
+                    )
+                    .build()]
+            }))
             .metadata_options(
                 InstanceMetadataOptionsRequest::builder()
                     .http_tokens(HttpTokensState::Required)
@@ -373,7 +386,7 @@ impl Cloud for AwsCloud {
             .await
             .map_err(|e| fail("Looking up the instance type", e))?;
         let info = out.instance_types().first().ok_or_else(|| {
-            CloudError::new(
+            CloudError::config(
                 "Looking up the instance type",
                 format!("EC2 does not know the instance type {instance_type}"),
             )
@@ -588,5 +601,49 @@ impl Cloud for AwsCloud {
                 })
                 .collect(),
         })
+    }
+
+    async fn image_info(&self, image_id: &str) -> CloudResult<Option<(Arch, String)>> {
+        let out = match self.ec2.describe_images().image_ids(image_id).send().await {
+            Ok(out) => out,
+            Err(e) if is_code(&e, "InvalidAMIID") => return Ok(None),
+            Err(e) => return Err(fail("Looking up the image", e)),
+        };
+        Ok(out.images().first().map(|i| {
+            let arch = match i.architecture().map(|a| a.as_str()) {
+                Some("arm64") | Some("arm64_mac") => Arch::Arm64,
+                _ => Arch::X86_64,
+            };
+            (
+                arch,
+                i.root_device_name().unwrap_or("/dev/xvda").to_string(),
+            )
+        }))
+    }
+
+    async fn missing_security_groups(&self, ids: &[String]) -> CloudResult<Vec<String>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let found = match self
+            .ec2
+            .describe_security_groups()
+            .set_group_ids(Some(ids.to_vec()))
+            .send()
+            .await
+        {
+            Ok(out) => out
+                .security_groups()
+                .iter()
+                .filter_map(|g| g.group_id().map(str::to_string))
+                .collect::<Vec<_>>(),
+            Err(e) if is_code(&e, "InvalidGroup") => Vec::new(),
+            Err(e) => return Err(fail("Looking up the security groups", e)),
+        };
+        Ok(ids
+            .iter()
+            .filter(|id| !found.contains(id))
+            .cloned()
+            .collect())
     }
 }

@@ -21,7 +21,7 @@ const CHECKIP: &str = "https://checkip.amazonaws.com/";
 pub async fn ingress_cidr() -> Result<String, CloudError> {
     if let Ok(cidr) = std::env::var("EC2_BACKUP_SSH_CIDR") {
         return parse_cidr(&cidr).ok_or_else(|| {
-            CloudError::new(
+            CloudError::config(
                 ACTION,
                 format!("EC2_BACKUP_SSH_CIDR is '{cidr}', not an address or address/prefix"),
             )

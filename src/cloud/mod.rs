@@ -16,7 +16,40 @@ pub struct CloudError {
     pub message: String,
 }
 
+/// The code of errors that are the user's input or configuration, not the cloud's fault.
+pub const CONFIG: &str = "ec2-backup.Config";
+
 impl CloudError {
+    /// Whether this error says the user's input is wrong (a name that does not exist, a
+    /// malformed ID, a value EC2 refuses), rather than that the cloud failed.
+    pub fn is_bad_input(&self) -> bool {
+        const CODES: &[&str] = &[
+            CONFIG,
+            "InvalidParameterValue",
+            "InvalidInstanceType",
+            "InvalidSubnetID",
+            "InvalidAMIID",
+            "InvalidGroup",
+            "InvalidGroupId",
+            "InvalidKeyPair",
+            "InvalidVolumeID",
+            "InvalidVpcID",
+            "ParameterNotFound",
+        ];
+        self.code
+            .as_deref()
+            .is_some_and(|c| CODES.iter().any(|p| c.starts_with(p)))
+    }
+
+    /// A configuration error of the user's (exit 2).
+    pub fn config(action: &'static str, message: impl Into<String>) -> Self {
+        CloudError {
+            action,
+            code: Some(CONFIG.to_string()),
+            message: message.into(),
+        }
+    }
+
     pub fn new(action: &'static str, message: impl Into<String>) -> Self {
         CloudError {
             action,
@@ -59,6 +92,8 @@ pub struct Instance {
 #[derive(Debug, Clone, Default)]
 pub struct LaunchRequest {
     pub image_id: String,
+    /// The image's root device, given an encrypted gp3 volume.
+    pub root_device: Option<String>,
     pub instance_type: String,
     pub key_name: String,
     pub zone: String,
@@ -116,6 +151,10 @@ pub trait Cloud {
 
     /// The current Amazon Linux image for this architecture in the client's region.
     async fn current_image(&self, arch: Arch) -> CloudResult<String>;
+    /// An image's architecture and root device name; None when it does not exist.
+    async fn image_info(&self, image_id: &str) -> CloudResult<Option<(Arch, String)>>;
+    /// The IDs among `ids` that do not exist.
+    async fn missing_security_groups(&self, ids: &[String]) -> CloudResult<Vec<String>>;
     async fn instance_arch(&self, instance_type: &str) -> CloudResult<Arch>;
     /// Zones (sorted) where this instance type can be launched.
     async fn zones_for(&self, instance_type: &str) -> CloudResult<Vec<String>>;
