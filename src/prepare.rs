@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::cloud::{caller, Arch, Cloud, CloudError, Volume};
+use crate::cloud::{caller, Arch, Cloud, CloudError, RootDisk, Volume};
 use crate::error::Error;
 use crate::flags::{LaunchFlags, SshFlags};
 use crate::keys::{self, KeyPlan, DEFAULT_KEY_NAME};
@@ -105,8 +105,8 @@ pub struct Plan {
     pub instance_type: String,
     pub arch: Arch,
     pub image_id: String,
-    /// The image's root device (given an encrypted volume at launch).
-    pub root_device: Option<String>,
+    /// The image's root disk (given an encrypted volume at launch).
+    pub root_disk: Option<RootDisk>,
     pub region: String,
     pub key_name: String,
     pub key: KeyPlan,
@@ -248,7 +248,7 @@ pub async fn decide<C: Cloud>(
                 ),
             ));
         }
-        Ok::<(Arch, String, String), CloudError>((arch, image, root))
+        Ok::<(Arch, String, RootDisk), CloudError>((arch, image, root))
     };
     let (inventory, volume, subnet, network, arch_image, zones, key_exists) = tokio::join!(
         take_inventory(&dir, report),
@@ -261,7 +261,7 @@ pub async fn decide<C: Cloud>(
     );
     let inventory = inventory?;
     let volume = volume.map_err(input)?;
-    let (arch, image_id, root_device) = arch_image.map_err(input)?;
+    let (arch, image_id, root_disk) = arch_image.map_err(input)?;
     let zones = zones.map_err(input)?;
     let existing_volume = match (&options.volume, volume) {
         (Some(id), None) => Err(Error::Invalid(format!(
@@ -324,7 +324,7 @@ pub async fn decide<C: Cloud>(
         instance_type,
         arch,
         image_id,
-        root_device: Some(root_device),
+        root_disk: Some(root_disk),
         region: region.to_string(),
         key_name,
         key,

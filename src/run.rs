@@ -177,7 +177,7 @@ impl Job {
         }
         let request = LaunchRequest {
             image_id: plan.image_id.clone(),
-            root_device: plan.root_device.clone(),
+            root_disk: plan.root_disk.clone(),
             instance_type: plan.instance_type.clone(),
             key_name: plan.key_name.clone(),
             zone: plan.zone.clone(),

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 
 use super::{
     Arch, Attachment, Cloud, CloudError, CloudResult, Instance, LaunchRequest, ResourceKind,
-    Tagged, Tags, Volume,
+    RootDisk, Tagged, Tags, Volume,
 };
 
 #[derive(Clone)]
@@ -240,13 +240,14 @@ impl Cloud for AwsCloud {
             .set_iam_instance_profile(profile)
             .set_placement(placement)
             .user_data(user_data)
-            .set_block_device_mappings(r.root_device.as_ref().map(|dev| {
+            .set_block_device_mappings(r.root_disk.as_ref().map(|root| {
                 // The helper's own disk is encrypted too, and goes with it.
                 vec![BlockDeviceMapping::builder()
-                    .device_name(dev)
+                    .device_name(&root.device)
                     .ebs(
                         EbsBlockDevice::builder()
                             .encrypted(true)
+                            .set_volume_size(root.size_gib)
                             .delete_on_termination(true)
                             .volume_type(VolumeType::Gp3)
                             .build(),
@@ -603,7 +604,7 @@ impl Cloud for AwsCloud {
         })
     }
 
-    async fn image_info(&self, image_id: &str) -> CloudResult<Option<(Arch, String)>> {
+    async fn image_info(&self, image_id: &str) -> CloudResult<Option<(Arch, RootDisk)>> {
         let out = match self.ec2.describe_images().image_ids(image_id).send().await {
             Ok(out) => out,
             Err(e) if is_code(&e, "InvalidAMIID") => return Ok(None),
@@ -614,9 +615,19 @@ impl Cloud for AwsCloud {
                 Some("arm64") | Some("arm64_mac") => Arch::Arm64,
                 _ => Arch::X86_64,
             };
+            let root = i.root_device_name().unwrap_or("/dev/xvda").to_string();
+            let size = i
+                .block_device_mappings()
+                .iter()
+                .find(|m| m.device_name() == Some(root.as_str()))
+                .and_then(|m| m.ebs())
+                .and_then(|e| e.volume_size());
             (
                 arch,
-                i.root_device_name().unwrap_or("/dev/xvda").to_string(),
+                RootDisk {
+                    device: root,
+                    size_gib: size,
+                },
             )
         }))
     }

@@ -89,11 +89,18 @@ pub struct Instance {
     pub address: Option<String>,
 }
 
+/// An image's root disk: its device name and (when the image says) its size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootDisk {
+    pub device: String,
+    pub size_gib: Option<i32>,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct LaunchRequest {
     pub image_id: String,
-    /// The image's root device, given an encrypted gp3 volume.
-    pub root_device: Option<String>,
+    /// The image's root disk, given as an encrypted gp3 volume.
+    pub root_disk: Option<RootDisk>,
     pub instance_type: String,
     pub key_name: String,
     pub zone: String,
@@ -151,8 +158,8 @@ pub trait Cloud {
 
     /// The current Amazon Linux image for this architecture in the client's region.
     async fn current_image(&self, arch: Arch) -> CloudResult<String>;
-    /// An image's architecture and root device name; None when it does not exist.
-    async fn image_info(&self, image_id: &str) -> CloudResult<Option<(Arch, String)>>;
+    /// An image's architecture and root disk; None when it does not exist.
+    async fn image_info(&self, image_id: &str) -> CloudResult<Option<(Arch, RootDisk)>>;
     /// The IDs among `ids` that do not exist.
     async fn missing_security_groups(&self, ids: &[String]) -> CloudResult<Vec<String>>;
     async fn instance_arch(&self, instance_type: &str) -> CloudResult<Arch>;
