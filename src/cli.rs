@@ -39,6 +39,7 @@ Exit status: 0 done; 1 failed (cleaned up); 2 bad input (nothing created);
     name = "ec2-backup",
     version,
     about = "Back up a directory into an Amazon EBS volume",
+    override_usage = "ec2-backup [-h] [-m method] [-v volume-id] [--json] [--dry-run] dir\n       ec2-backup gc [--yes] [--older-than HOURS]",
     long_about = ABOUT,
     after_help = AFTER,
     disable_version_flag = true
@@ -70,6 +71,7 @@ pub struct Cli {
 #[derive(Debug, Parser)]
 #[command(
     name = "ec2-backup gc",
+    override_usage = "ec2-backup gc [--yes] [--older-than HOURS]",
     about = "Find, and with --yes remove, what killed ec2-backup runs left behind.",
     long_about = "Find, and with --yes remove, what killed ec2-backup runs (kill -9, power loss) \
 left behind: helper instances, temporary security groups, and volumes a run created whose \

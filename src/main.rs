@@ -24,7 +24,7 @@ fn main() -> ExitCode {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
-        Err(e) => return fail(&usage_error(&e), exit::INPUT),
+        Err(e) => return fail(&usage_error(&e, USAGE), exit::INPUT),
     };
     let options = match Options::new(cli) {
         Ok(o) => o,
@@ -101,7 +101,7 @@ fn gc(args: &[std::ffi::OsString]) -> ExitCode {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
-        Err(e) => return fail(&usage_error(&e), exit::INPUT),
+        Err(e) => return fail(&usage_error(&e, GC_USAGE), exit::INPUT),
     };
     let options = GcOptions {
         yes: cli.yes,
@@ -143,7 +143,10 @@ fn gc(args: &[std::ffi::OsString]) -> ExitCode {
 }
 
 /// clap's multi-line errors, as one sentence.
-fn usage_error(e: &clap::Error) -> String {
+const USAGE: &str = "ec2-backup [-h] [-m method] [-v volume-id] dir";
+const GC_USAGE: &str = "ec2-backup gc [--yes] [--older-than HOURS]";
+
+fn usage_error(e: &clap::Error, usage: &str) -> String {
     let first = match e.kind() {
         ErrorKind::MissingRequiredArgument => "the directory to back up is missing".to_string(),
         _ => {
@@ -156,7 +159,7 @@ fn usage_error(e: &clap::Error) -> String {
             first.strip_prefix("error: ").unwrap_or(&first).to_string()
         }
     };
-    format!("{first}; usage: ec2-backup [-h] [-m method] [-v volume-id] dir")
+    format!("{first}; usage: {usage}")
 }
 
 fn print(text: &str) -> std::io::Result<()> {

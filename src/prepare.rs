@@ -59,6 +59,11 @@ impl Options {
         let env = |name: &str| std::env::var(name).unwrap_or_default();
         let launch = LaunchFlags::parse(&env("EC2_BACKUP_FLAGS_AWS"))?;
         let ssh = SshFlags::parse(&env("EC2_BACKUP_FLAGS_SSH"), &home)?;
+        // rsync carries these words in its -e option, which cannot hold both kinds of quote.
+        for word in &ssh.words {
+            crate::quote::rsh_word(word)
+                .map_err(|e| Error::Usage(format!("EC2_BACKUP_FLAGS_SSH: {e}")))?;
+        }
         let boot_timeout = match std::env::var("EC2_BACKUP_BOOT_TIMEOUT") {
             Ok(s) => Duration::from_secs(s.trim().parse().map_err(|_| {
                 Error::Usage(format!(

@@ -340,7 +340,7 @@ impl Job {
                 // The archive is about the data plus a header or two per entry.
                 let estimate = self.plan.inventory.data_bytes + self.plan.inventory.entries * 1536;
                 let bar = progress_bar(estimate);
-                Ok(dd::backup(ssh, &source, dev, &bar).await?)
+                Ok(dd::backup(ssh, &source, dev, volume_id, &bar).await?)
             }
             Method::Rsync => {
                 self.ledger.record(Resource::Mount);
@@ -424,8 +424,8 @@ impl Job {
     fn volume_tags(&self, completed: bool) -> Tags {
         let host = hostname();
         let dir = truncate(&self.plan.dir.to_string_lossy(), 255);
-        self.tags(&[
-            ("Name", truncate(&format!("ec2-backup {host}:{dir}"), 255)),
+        let name = truncate(&format!("ec2-backup {host}:{dir}"), 255);
+        let mut tags = self.tags(&[
             ("ec2-backup:source-host", host),
             ("ec2-backup:source-dir", dir),
             (
@@ -433,7 +433,12 @@ impl Job {
                 self.options.method.as_str().to_string(),
             ),
             ("ec2-backup:completed", completed.to_string()),
-        ])
+        ]);
+        // A user's own volume keeps its own name.
+        if self.plan.existing_volume.is_none() {
+            tags.push(("Name".into(), name));
+        }
+        tags
     }
 
     /// Unwinds the ledger. A signal during cleanup says what is still being removed; a

@@ -104,12 +104,20 @@ impl Session {
 
     /// Connects the master, retrying while the instance boots, until `limit` passes.
     pub async fn connect(&mut self, limit: Duration) -> Result<(), SshError> {
-        let deadline = Instant::now() + limit;
+        let mut deadline = Instant::now() + limit;
+        let mut refused_since: Option<Instant> = None;
         loop {
             let last = match self.try_master().await {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
+            // A helper that answers but refuses our key or shows another host key is up:
+            // waiting the whole boot timeout would not help. A short grace covers cloud-init
+            // still writing the keys.
+            if is_refusal(&last) && refused_since.is_none() {
+                refused_since = Some(Instant::now());
+                deadline = deadline.min(Instant::now() + REFUSAL_GRACE);
+            }
             if Instant::now() >= deadline {
                 return Err(SshError::NotReady {
                     secs: limit.as_secs(),
@@ -227,6 +235,17 @@ impl Session {
             let _ = master.kill().await;
         }
     }
+}
+
+/// How long a helper that refuses our key (or shows another host key) gets to change its mind.
+const REFUSAL_GRACE: Duration = Duration::from_secs(45);
+
+/// ssh's words for a server that is up but will not have us.
+fn is_refusal(message: &str) -> bool {
+    message.contains("Permission denied")
+        || message.contains("Host key verification failed")
+        || message.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
+        || message.contains("Too many authentication failures")
 }
 
 /// A one-line description of a failed ssh command: ssh's own failures exit 255.

@@ -222,3 +222,44 @@ fn dot_is_the_current_directory() {
     extract_dd(&vol, &out);
     assert!(tree::differences(&src, &out, &[]).is_empty());
 }
+
+/// Switching methods on a volume never destroys the backup it holds: dd refuses to write
+/// over a filesystem, rsync refuses to format over an archive.
+#[test]
+fn switching_methods_on_a_volume_is_refused_and_the_backup_survives() {
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("precious"), b"keep me").unwrap();
+
+    let fs_vol = backup(&[OsStr::new("-m"), OsStr::new("rsync")], &src).volume_id();
+    let r = backup(&[OsStr::new("-v"), OsStr::new(&fs_vol)], &src);
+    let last = r.stderr.lines().last().unwrap_or("").to_string();
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(last.contains("holds a filesystem"), "{last}");
+    assert_eq!(volume(&fs_vol).unwrap()["state"], "available");
+    {
+        let m = Mounted::new(&fs_vol);
+        assert_eq!(fs::read(m.path().join("precious")).unwrap(), b"keep me");
+    }
+
+    let tar_vol = backup(&[], &src).volume_id();
+    let r = backup(
+        &[
+            OsStr::new("-m"),
+            OsStr::new("rsync"),
+            OsStr::new("-v"),
+            OsStr::new(&tar_vol),
+        ],
+        &src,
+    );
+    let last = r.stderr.lines().last().unwrap_or("").to_string();
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(last.contains("holds a dd backup"), "{last}");
+    assert_eq!(volume(&tar_vol).unwrap()["state"], "available");
+    let out = s.path().join("out");
+    fs::create_dir(&out).unwrap();
+    extract_dd(&tar_vol, &out);
+    assert_eq!(fs::read(out.join("precious")).unwrap(), b"keep me");
+    assert_no_live_instances();
+}

@@ -32,7 +32,8 @@ fn help_prints_usage_and_exits_0() {
     let r = run(ec2_backup().arg("-h"));
     assert_eq!(r.code, 0);
     assert!(
-        r.stdout.contains("Usage: ec2-backup [OPTIONS] <dir>"),
+        r.stdout
+            .contains("Usage: ec2-backup [-h] [-m method] [-v volume-id]"),
         "{}",
         r.stdout
     );

@@ -19,6 +19,9 @@ use crate::ssh::{describe_failure, detach_from_terminal_signals, Session};
 /// SHA-256 of what it wrote. OpenSSL's digest uses the CPU's SHA instructions (5x coreutils'
 /// sha256sum here), so it is preferred.
 const WRITE_SCRIPT: &str = r#"set -euo pipefail
+# Never write an archive over a partition table or a filesystem (an rsync backup).
+if [ -n "$(blkid -p -o value -s PTTYPE -- "$1" 2>/dev/null || true)" ]; then exit 5; fi
+if [ -n "$(blkid -p -o value -s TYPE -- "$1" 2>/dev/null || true)" ]; then exit 6; fi
 if command -v openssl >/dev/null 2>&1; then digest() { openssl dgst -sha256 -r; }
 else digest() { sha256sum; }; fi
 if [ "$2" = zstd ]; then zstd -q -d -c | tee -- "$1" | digest
@@ -54,6 +57,7 @@ pub async fn backup(
     ssh: &Session,
     source: &Source,
     device: &str,
+    volume_id: &str,
     progress: &indicatif::ProgressBar,
 ) -> Result<Transfer, MethodError> {
     let mut tar = tar_command(source);
@@ -154,6 +158,11 @@ pub async fn backup(
     if !out.status.success() || cut.is_some() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let _ = tar.kill().await;
+        match out.status.code() {
+            Some(5) => return Err(MethodError::Partitioned(volume_id.to_string())),
+            Some(6) => return Err(MethodError::HoldsFilesystem(volume_id.to_string())),
+            _ => {}
+        }
         if stderr.contains("No space left") {
             return Err(MethodError::Failed(format!(
                 "the archive ({bytes} bytes so far) does not fit on the volume"

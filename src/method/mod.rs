@@ -81,4 +81,6 @@ pub enum MethodError {
     HoldsArchive(String),
     #[error("the volume {0} has a partition table; refusing to format or write it")]
     Partitioned(String),
+    #[error("the volume {0} holds a filesystem (an rsync backup?); refusing to write a dd archive over it (use -m rsync, or another volume)")]
+    HoldsFilesystem(String),
 }
