@@ -14,7 +14,7 @@ use crate::cloud::{Cloud, ResourceKind, Tagged};
 use crate::error::Error;
 use crate::ledger::{Ledger, Resource};
 use crate::report::Reporter;
-use crate::run::hostname;
+use crate::tags::hostname;
 
 pub const RUN_TAG: &str = "ec2-backup:run";
 /// Set only on volumes a run created, so that `gc` can never take a user's volume.

@@ -21,5 +21,7 @@ pub mod prepare;
 pub mod quote;
 pub mod report;
 pub mod run;
+pub mod signals;
 pub mod ssh;
+pub mod tags;
 pub mod userdata;

@@ -5,7 +5,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::Mutex;
 
 use crate::cloud::aws::{self, AwsCloud};
@@ -17,7 +16,9 @@ use crate::ledger::{Ledger, Resource};
 use crate::method::{dd, rsync, Method, Source, Transfer};
 use crate::prepare::{self, Options, Plan};
 use crate::report::Reporter;
+use crate::signals::Signals;
 use crate::ssh::Session;
+use crate::tags::{hostname, new_run_id, now, truncate};
 use crate::userdata;
 
 /// The device name requested at attach time; the helper may show it under another name.
@@ -57,33 +58,6 @@ impl From<Error> for Failure {
     }
 }
 
-/// SIGINT, SIGTERM and SIGHUP, as one stream.
-pub struct Signals {
-    int: Signal,
-    term: Signal,
-    hup: Signal,
-}
-
-impl Signals {
-    pub fn new() -> std::io::Result<Self> {
-        Ok(Signals {
-            int: signal(SignalKind::interrupt())?,
-            term: signal(SignalKind::terminate())?,
-            hup: signal(SignalKind::hangup())?,
-        })
-    }
-
-    pub async fn recv(&mut self) -> Error {
-        let (name, number) = tokio::select! {
-            _ = self.int.recv() => ("SIGINT", libc::SIGINT),
-            _ = self.term.recv() => ("SIGTERM", libc::SIGTERM),
-            _ = self.hup.recv() => ("SIGHUP", libc::SIGHUP),
-        };
-        Error::Interrupted { name, number }
-    }
-}
-
-/// Runs a backup as the options say.
 /// What a run produced: a backup, or with `--dry-run` only the plan.
 #[derive(Debug)]
 pub enum Done {
@@ -91,6 +65,7 @@ pub enum Done {
     DryRun(Box<Plan>),
 }
 
+/// Runs a backup as the options say.
 pub async fn run(options: Options) -> Result<Done, Failure> {
     let started = std::time::Instant::now();
     let report = Reporter::new(options.verbose);
@@ -500,25 +475,4 @@ fn progress_bar(total: u64) -> indicatif::ProgressBar {
         bar.set_style(style);
     }
     bar
-}
-
-fn new_run_id() -> String {
-    use rand::Rng;
-    let bytes: [u8; 6] = rand::rng().random();
-    hex::encode(bytes)
-}
-
-fn now() -> String {
-    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
-}
-
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
-}
-
-/// EC2 tag values hold at most 256 characters.
-fn truncate(text: &str, max: usize) -> String {
-    text.chars().take(max).collect()
 }
