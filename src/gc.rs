@@ -35,7 +35,7 @@ pub struct GcReport {
 }
 
 pub async fn gc(options: &GcOptions) -> Result<GcReport, Error> {
-    let cloud = aws::connect().await?;
+    let cloud = aws::connect().await.map_err(crate::prepare::input)?;
     let (instances, volumes, groups) = tokio::try_join!(
         cloud.tagged(ResourceKind::Instance, RUN_TAG),
         cloud.tagged(ResourceKind::Volume, RUN_TAG),
@@ -65,12 +65,7 @@ pub async fn gc(options: &GcOptions) -> Result<GcReport, Error> {
         }
     }
     for v in &volumes {
-        let ours = v.tags.get(CREATED_VOLUME_TAG).is_some_and(|x| x == "true");
-        let completed = v
-            .tags
-            .get("ec2-backup:completed")
-            .is_some_and(|x| x == "true");
-        if !ours || completed || v.state == "deleting" || v.state == "deleted" {
+        if !unfinished_volume(&v.tags) || v.state == "deleting" || v.state == "deleted" {
             continue;
         }
         if let Some(why) = verdict(v) {

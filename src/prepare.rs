@@ -339,7 +339,7 @@ pub async fn decide<C: Cloud>(
 }
 
 /// A lookup that failed because of the user's input is bad input (exit 2), not a failure.
-fn input(e: CloudError) -> Error {
+pub fn input(e: CloudError) -> Error {
     if e.is_bad_input() {
         Error::Invalid(e.message)
     } else {

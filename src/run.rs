@@ -72,7 +72,7 @@ pub async fn run(options: Options) -> Result<Done, Failure> {
     let mut signals =
         Signals::new().map_err(|e| Error::Usage(format!("cannot handle signals: {e}")))?;
     let local = prepare::check_local(&options, &report)?;
-    let cloud = aws::connect().await.map_err(Error::from)?;
+    let cloud = aws::connect().await.map_err(prepare::input)?;
     let region = cloud.region.clone();
     let plan = tokio::select! {
         p = prepare::decide(&cloud, &region, &options, local, &report) => p?,
@@ -100,7 +100,10 @@ pub async fn run(options: Options) -> Result<Done, Failure> {
         e = signals.recv() => Err(e),
     };
     match result {
-        Ok(outcome) => Ok(Done::Backup(outcome)),
+        Ok(mut outcome) => {
+            outcome.leftovers = job.cleanup(&mut signals).await;
+            Ok(Done::Backup(outcome))
+        }
         Err(error) => {
             job.report.step(&format!("failed: {error}; cleaning up"));
             let leftovers = job.cleanup(&mut signals).await;
@@ -239,6 +242,29 @@ impl Job {
         tokio::try_join!(attached, connected)?;
         *self.ssh.lock().await = Some(session);
         report.step("connected; looking for the volume's device");
+        if plan.existing_volume.is_some() {
+            // What the volume held is about to change: its old tags must stop vouching for
+            // it until this run vouches for the new contents.
+            let stale: Tags = [
+                "ec2-backup:completed",
+                "ec2-backup:sha256",
+                "ec2-backup:bytes",
+            ]
+            .iter()
+            .map(|k| {
+                (
+                    k.to_string(),
+                    if k.ends_with("completed") {
+                        "false"
+                    } else {
+                        ""
+                    }
+                    .to_string(),
+                )
+            })
+            .collect();
+            cloud.create_tags(&volume_id, &stale).await?;
+        }
 
         let transfer = {
             let guard = self.ssh.lock().await;
@@ -290,8 +316,8 @@ impl Job {
         if let Some(mut s) = session {
             s.close().await;
         }
-        // The rest (helper, security group) goes the way a failed run's would.
-        let leftovers = self.ledger.unwind(cloud, None, report).await;
+        // The rest (helper, security group) goes the way a failed run's would, in `run`,
+        // where a signal can no longer hide the kept volume.
         Ok(Outcome {
             volume_id,
             size_gib,
@@ -301,7 +327,7 @@ impl Job {
             region: plan.region.clone(),
             seconds: self.started.elapsed().as_secs_f64(),
             transfer,
-            leftovers,
+            leftovers: Vec::new(),
         })
     }
 

@@ -44,12 +44,16 @@ pub async fn connect() -> CloudResult<AwsCloud> {
         .retry_config(RetryConfig::standard().with_max_attempts(8))
         .load()
         .await;
-    let region = config.region().map(|r| r.to_string()).ok_or_else(|| {
-        CloudError::config(
-            "Loading the AWS configuration",
-            "no AWS region is configured; set AWS_REGION or a region in ~/.aws/config",
-        )
-    })?;
+    let region = config
+        .region()
+        .map(|r| r.to_string())
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| {
+            CloudError::config(
+                "Loading the AWS configuration",
+                "no AWS region is configured; set AWS_REGION or a region in ~/.aws/config",
+            )
+        })?;
     Ok(AwsCloud {
         ec2: aws_sdk_ec2::Client::new(&config),
         ssm: aws_sdk_ssm::Client::new(&config),
