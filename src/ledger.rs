@@ -100,7 +100,17 @@ impl Ledger {
         report: &Reporter,
     ) -> Vec<String> {
         let mut left = Vec::new();
-        let items: Vec<Resource> = self.snapshot().into_iter().rev().collect();
+        // Newest first, but in dependency order whatever the order of creation: a volume
+        // can only be deleted, and a group only removed, once the helper no longer holds it.
+        let mut items: Vec<Resource> = self.snapshot().into_iter().rev().collect();
+        items.sort_by_key(|r| match r {
+            Resource::Mount => 0,
+            Resource::Attachment { .. } => 1,
+            Resource::Instance(_) => 2,
+            Resource::Volume(_) => 3,
+            Resource::SecurityGroup(_) => 4,
+            Resource::KeyPair { .. } => 5,
+        });
         // Volumes and security groups can only go once the instance is gone.
         let wait_for_termination = items
             .iter()
