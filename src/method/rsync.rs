@@ -162,14 +162,20 @@ pub async fn verify(ssh: &Session, source: &Source) -> Result<Vec<String>, Metho
             .filter(|l| !l.trim().is_empty())
             .map(str::to_string)
             .collect()),
-        Some(10) | Some(12) | Some(30) | Some(35) | Some(255) => Err(MethodError::Cut(
-            describe_failure(out.status.code(), &stderr),
-        )),
+        Some(c @ (10 | 12 | 30 | 35 | 255)) => Err(lost(c)),
         code => Err(MethodError::Failed(format!(
             "verifying the copy with rsync failed: {}",
             describe_failure(code, &stderr)
         ))),
     }
+}
+
+/// rsync's exits for a broken connection (socket, protocol stream, timeouts, ssh) as one
+/// sentence: its own messages quote source lines that mean nothing to a user.
+fn lost(code: i32) -> MethodError {
+    MethodError::Cut(format!(
+        "the ssh connection to the helper was lost (rsync exit {code})"
+    ))
 }
 
 async fn sync(ssh: &Session, source: &Source) -> Result<Transfer, MethodError> {
@@ -198,20 +204,20 @@ async fn sync(ssh: &Session, source: &Source) -> Result<Transfer, MethodError> {
             source: e,
         })?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    // Pass rsync's own messages on (unreadable files, vanished files).
-    if !stderr.trim().is_empty() {
+    let code = out.status.code();
+    // Pass rsync's own messages on when they name files (unreadable, vanished); a cut
+    // connection is said in one sentence instead.
+    if matches!(code, Some(0 | 23 | 24)) && !stderr.trim().is_empty() {
         say(stderr.trim_end());
     }
-    match out.status.code() {
+    match code {
         Some(0) | Some(24) => Ok(Transfer::default()),
         // Partial transfer: some files could not be read; the rest is on the volume.
         Some(23) => Ok(Transfer {
             incomplete: true,
             ..Transfer::default()
         }),
-        Some(10) | Some(12) | Some(30) | Some(35) | Some(255) => Err(MethodError::Cut(
-            describe_failure(out.status.code(), &stderr),
-        )),
+        Some(c @ (10 | 12 | 30 | 35 | 255)) => Err(lost(c)),
         code => Err(MethodError::Failed(format!(
             "rsync failed: {}",
             describe_failure(code, &stderr)
