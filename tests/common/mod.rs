@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod spawn;
 pub mod tree;
 
 use std::ffi::OsStr;
