@@ -30,14 +30,9 @@ fn main() -> ExitCode {
         Ok(o) => o,
         Err(e) => return fail(&e.to_string(), e.exit_code()),
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            return fail(
-                &format!("cannot start the async runtime: {e}"),
-                exit::FAILED,
-            )
-        }
+        Err(code) => return code,
     };
     let as_json = options.json;
     let method = options.method;
@@ -108,14 +103,9 @@ fn gc(args: &[std::ffi::OsString]) -> ExitCode {
         older_than: std::time::Duration::from_secs(cli.older_than.saturating_mul(3600)),
         verbose: std::env::var_os("EC2_BACKUP_VERBOSE").is_some_and(|v| !v.is_empty()),
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            return fail(
-                &format!("cannot start the async runtime: {e}"),
-                exit::FAILED,
-            )
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(ec2_backup::gc::gc(&options)) {
         Ok(report) => {
@@ -160,6 +150,15 @@ fn usage_error(e: &clap::Error, usage: &str) -> String {
         }
     };
     format!("{first}; usage: {usage}")
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Runtime::new().map_err(|e| {
+        fail(
+            &format!("cannot start the async runtime: {e}"),
+            exit::FAILED,
+        )
+    })
 }
 
 fn print(text: &str) -> std::io::Result<()> {

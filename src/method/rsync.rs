@@ -143,18 +143,7 @@ pub async fn verify(ssh: &Session, source: &Source) -> Result<Vec<String>, Metho
         "--itemize-changes",
         "--out-format=%i %n%L",
     ]);
-    detach_from_terminal_signals(&mut cmd);
-    let out = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| MethodError::Spawn {
-            program: "rsync",
-            source: e,
-        })?;
+    let out = run_rsync(cmd, Stdio::piped()).await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     match out.status.code() {
         Some(0) | Some(23) | Some(24) => Ok(String::from_utf8_lossy(&out.stdout)
@@ -178,9 +167,23 @@ fn lost(code: i32) -> MethodError {
     ))
 }
 
+/// Runs a prepared rsync to its end (killed if the run is dropped), stderr captured.
+async fn run_rsync(mut cmd: Command, stdout: Stdio) -> Result<std::process::Output, MethodError> {
+    detach_from_terminal_signals(&mut cmd);
+    cmd.stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| MethodError::Spawn {
+            program: "rsync",
+            source: e,
+        })
+}
+
 async fn sync(ssh: &Session, source: &Source) -> Result<Transfer, MethodError> {
     let mut cmd = rsync_command(ssh, source)?;
-    detach_from_terminal_signals(&mut cmd);
     // On a terminal, rsync's own overall progress line goes to stderr (never stdout).
     let progress = if std::io::stderr().is_terminal() {
         cmd.arg("--info=progress2");
@@ -192,17 +195,7 @@ async fn sync(ssh: &Session, source: &Source) -> Result<Transfer, MethodError> {
     } else {
         Stdio::null()
     };
-    let out = cmd
-        .stdin(Stdio::null())
-        .stdout(progress)
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| MethodError::Spawn {
-            program: "rsync",
-            source: e,
-        })?;
+    let out = run_rsync(cmd, progress).await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     let code = out.status.code();
     // Pass rsync's own messages on when they name files (unreadable, vanished); a cut
