@@ -34,7 +34,9 @@ where
             }
         }
         tokio::time::sleep(interval).await;
-        interval = (interval * 3 / 2).min(Duration::from_secs(2));
+        // Capped low: a state reached is noticed within half a second (Describe calls are
+        // cheap and their rate limits generous next to one run's few minutes of polling).
+        interval = (interval * 3 / 2).min(Duration::from_millis(500));
     }
 }
 

@@ -134,12 +134,21 @@ pub async fn backup(
     };
     let mut cut = sender.send(&sample).await.err();
     drop(sample);
+    // Whole 1 MiB chunks (a pipe read gives 64 KiB at most): fewer writes, and zstd frames
+    // big enough to compress well.
     let mut buf = vec![0u8; 1 << 20];
     while cut.is_none() {
-        let n = from_tar
-            .read(&mut buf)
-            .await
-            .map_err(|e| MethodError::Failed(format!("reading from tar failed: {e}")))?;
+        let mut n = 0;
+        while n < buf.len() {
+            let got = from_tar
+                .read(&mut buf[n..])
+                .await
+                .map_err(|e| MethodError::Failed(format!("reading from tar failed: {e}")))?;
+            if got == 0 {
+                break;
+            }
+            n += got;
+        }
         if n == 0 {
             break;
         }
