@@ -54,44 +54,42 @@ pub async fn gc(options: &GcOptions) -> Result<GcReport, Error> {
             format!("would {doing}")
         }
     };
+    let mut found = |t: &Tagged, noun: &str, (doing, done): (&str, &str), r: Resource| {
+        if let Some(why) = verdict(t) {
+            lines.push(format!("{} {noun} {} ({why})", verb(doing, done), t.id));
+            ledger.record(r);
+        }
+    };
+    let delete = ("delete", "deleting");
     for g in &groups {
-        if let Some(why) = verdict(g) {
-            lines.push(format!(
-                "{} security group {} ({why})",
-                verb("delete", "deleting"),
-                g.id
-            ));
-            ledger.record(Resource::SecurityGroup(g.id.clone()));
-        }
+        found(
+            g,
+            "security group",
+            delete,
+            Resource::SecurityGroup(g.id.clone()),
+        );
     }
-    for v in &volumes {
-        if !unfinished_volume(&v.tags) || v.state == "deleting" || v.state == "deleted" {
-            continue;
-        }
-        if let Some(why) = verdict(v) {
-            lines.push(format!(
-                "{} incomplete volume {} ({why})",
-                verb("delete", "deleting"),
-                v.id
-            ));
-            ledger.record(Resource::Volume(v.id.clone()));
-        }
+    let gone = |state: &str| matches!(state, "deleting" | "deleted");
+    for v in volumes
+        .iter()
+        .filter(|v| unfinished_volume(&v.tags) && !gone(&v.state))
+    {
+        found(
+            v,
+            "incomplete volume",
+            delete,
+            Resource::Volume(v.id.clone()),
+        );
     }
-    for i in &instances {
-        if !matches!(
-            i.state.as_str(),
-            "pending" | "running" | "stopping" | "stopped"
-        ) {
-            continue;
-        }
-        if let Some(why) = verdict(i) {
-            lines.push(format!(
-                "{} helper instance {} ({why})",
-                verb("terminate", "terminating"),
-                i.id
-            ));
-            ledger.record(Resource::Instance(i.id.clone()));
-        }
+    let alive = |state: &str| matches!(state, "pending" | "running" | "stopping" | "stopped");
+    for i in instances.iter().filter(|i| alive(&i.state)) {
+        let terminate = ("terminate", "terminating");
+        found(
+            i,
+            "helper instance",
+            terminate,
+            Resource::Instance(i.id.clone()),
+        );
     }
     let leftovers = if options.yes {
         ledger

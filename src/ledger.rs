@@ -33,6 +33,22 @@ pub enum Resource {
     Mount,
 }
 
+impl Resource {
+    /// The resource as a user reads it: "the helper instance i-…".
+    pub fn describe(&self) -> String {
+        match self {
+            Resource::KeyPair { name, .. } => format!("the key pair {name}"),
+            Resource::Instance(id) => format!("the helper instance {id}"),
+            Resource::Volume(id) => format!("the volume {id}"),
+            Resource::Attachment { volume, instance } => {
+                format!("the attachment of {volume} to {instance}")
+            }
+            Resource::Mount => "the mount on the helper".to_string(),
+            Resource::SecurityGroup(id) => format!("the security group {id}"),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Ledger {
     items: Mutex<Vec<Resource>>,

@@ -101,7 +101,7 @@ fn gc(args: &[std::ffi::OsString]) -> ExitCode {
     let options = GcOptions {
         yes: cli.yes,
         older_than: std::time::Duration::from_secs(cli.older_than.saturating_mul(3600)),
-        verbose: std::env::var_os("EC2_BACKUP_VERBOSE").is_some_and(|v| !v.is_empty()),
+        verbose: ec2_backup::report::verbose_from_env(),
     };
     let runtime = match runtime() {
         Ok(r) => r,

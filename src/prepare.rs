@@ -79,7 +79,7 @@ impl Options {
             launch,
             ssh,
             home,
-            verbose: std::env::var_os("EC2_BACKUP_VERBOSE").is_some_and(|v| !v.is_empty()),
+            verbose: crate::report::verbose_from_env(),
             boot_timeout,
             json,
             dry_run,

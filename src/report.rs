@@ -11,6 +11,11 @@ pub fn say(line: &str) {
     let _ = writeln!(err, "{line}");
 }
 
+/// Whether `EC2_BACKUP_VERBOSE` asks for steps (set and not empty).
+pub fn verbose_from_env() -> bool {
+    std::env::var_os("EC2_BACKUP_VERBOSE").is_some_and(|v| !v.is_empty())
+}
+
 pub struct Reporter {
     verbose: bool,
     start: Instant,

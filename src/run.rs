@@ -461,7 +461,7 @@ impl Job {
             tokio::select! {
                 left = &mut unwind => return left,
                 e = signals.recv() => {
-                    let pending: Vec<String> = self.ledger.snapshot().iter().map(describe).collect();
+                    let pending: Vec<String> = self.ledger.snapshot().iter().map(Resource::describe).collect();
                     if interrupted {
                         return pending.into_iter().map(|p| format!("{p} was left behind")).collect();
                     }
@@ -473,19 +473,6 @@ impl Job {
                 }
             }
         }
-    }
-}
-
-fn describe(r: &Resource) -> String {
-    match r {
-        Resource::KeyPair { name, .. } => format!("the key pair {name}"),
-        Resource::Instance(id) => format!("the helper instance {id}"),
-        Resource::Volume(id) => format!("the volume {id}"),
-        Resource::Attachment { volume, instance } => {
-            format!("the attachment of {volume} to {instance}")
-        }
-        Resource::Mount => "the mount on the helper".to_string(),
-        Resource::SecurityGroup(id) => format!("the security group {id}"),
     }
 }
 
