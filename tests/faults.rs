@@ -123,6 +123,8 @@ fn backup_groups(status: &Value) -> BTreeSet<String> {
 
 impl Before {
     fn now() -> Before {
+        // The first run in a fresh simulator makes the shared key pair: not a leftover.
+        ensure_key_pair();
         let s = status();
         Before {
             volumes: ids(&s, "volumes", "id"),

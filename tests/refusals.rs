@@ -163,16 +163,8 @@ fn ssh_identity_that_does_not_exist() {
 
 #[test]
 fn key_pair_in_aws_but_private_key_missing() {
-    // Make sure the key pair exists in the simulator (a first backup creates it).
+    ensure_key_pair();
     let d = small_dir();
-    if !status()["key_pairs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|k| k == "EC2-Backup-Key")
-    {
-        run(ec2_backup().arg(d.path())).volume_id();
-    }
     let empty_home = scratch();
     let (code, line) = refused(ec2_backup().env("HOME", empty_home.path()).arg(d.path()));
     assert_eq!(code, 2);

@@ -25,12 +25,8 @@ fn chown_r(path: &Path, uid: u32) {
 
 /// A HOME for `nobody` holding the shared EC2-Backup-Key, and the command to run as nobody.
 fn as_nobody(home: &Path) -> Command {
-    // Make sure the shared key exists (the first run in a simulator creates it).
+    ensure_key_pair();
     let shared = common::home().join(".ssh/EC2-Backup-Key");
-    if !shared.exists() {
-        let d = scratch();
-        run(ec2_backup().arg(d.path())).volume_id();
-    }
     let ssh = home.join(".ssh");
     fs::create_dir_all(&ssh).unwrap();
     fs::copy(&shared, ssh.join("EC2-Backup-Key")).unwrap();

@@ -251,3 +251,17 @@ pub fn inventory() -> (usize, usize, usize) {
     let n = |k: &str| s[k].as_array().map(|a| a.len()).unwrap_or(0);
     (n("instances"), n("volumes"), n("key_pairs"))
 }
+
+/// The shared key pair exists in the simulator and its private key in `home()`. The first
+/// backup in a fresh simulator makes them, so a test that counts what a run leaves behind
+/// calls this first, whatever order the tests run in.
+pub fn ensure_key_pair() {
+    let in_sim = status()["key_pairs"]
+        .as_array()
+        .is_some_and(|k| k.iter().any(|k| k == "EC2-Backup-Key"));
+    if !in_sim || !home().join(".ssh/EC2-Backup-Key").exists() {
+        let d = scratch();
+        std::fs::write(d.path().join("f"), b"key").unwrap();
+        run(ec2_backup().arg(d.path())).volume_id();
+    }
+}
