@@ -281,7 +281,7 @@ impl Job {
                 ))
             })?;
             report.step(&format!("{volume_id} is {dev} on the helper; transferring"));
-            self.transfer(ssh, &dev, &volume_id).await?
+            self.transfer(ssh, &dev, &volume_id, workdir).await?
         };
         let wire = match transfer.wire {
             Some(w) => format!(" ({} on the wire, {w})", transfer.wire_bytes),
@@ -331,7 +331,13 @@ impl Job {
         })
     }
 
-    async fn transfer(&self, ssh: &Session, dev: &str, volume_id: &str) -> Result<Transfer, Error> {
+    async fn transfer(
+        &self,
+        ssh: &Session,
+        dev: &str,
+        volume_id: &str,
+        workdir: &Path,
+    ) -> Result<Transfer, Error> {
         let source = Source {
             dir: self.plan.dir.clone(),
             skip_contents_of: self.plan.inventory.pseudo_mounts.clone(),
@@ -348,7 +354,7 @@ impl Job {
                 if rsync::mount(ssh, dev, volume_id).await? {
                     self.report.step("made an ext4 filesystem on the volume");
                 }
-                let transfer = rsync::backup(ssh, &source).await?;
+                let transfer = rsync::backup(ssh, &source, workdir).await?;
                 rsync::unmount(ssh).await?;
                 self.ledger.forget(&Resource::Mount);
                 Ok(transfer)
