@@ -97,7 +97,7 @@ def cmd_fault(sdir, name, args):
     if not os.path.isdir(sdir):
         raise Fail(f"simulator '{name}' is not up")
     if not args:
-        raise Fail("usage: ec2sim fault api|boot-delay|attach-delay|never-boot|link|clear ...")
+        raise Fail("usage: ec2sim fault api|boot-delay|attach-delay|never-boot|no-python|link|clear ...")
     kind, rest = args[0], args[1:]
     try:
         if kind == "api" and len(rest) == 3:
@@ -111,6 +111,9 @@ def cmd_fault(sdir, name, args):
         elif kind == "never-boot" and len(rest) <= 1:
             n = int(rest[0]) if rest else 1
             faults.update(sdir, lambda d: d.__setitem__("never_boot", d.get("never_boot", 0) + n))
+        elif kind == "no-python" and len(rest) <= 1:
+            n = int(rest[0]) if rest else 1
+            faults.update(sdir, lambda d: d.__setitem__("no_python", d.get("no_python", 0) + n))
         elif kind == "link" and len(rest) in (1, 2):
             link = {"mbit": float(rest[0]), "delay_ms": float(rest[1]) if len(rest) > 1 else 0}
             faults.update(sdir, lambda d: d.__setitem__("link", link))

@@ -1,8 +1,9 @@
 #!/bin/sh
 # PID 1 of an instance: runs inside its own mount, UTS and pid namespace (made by unshare
-# with private propagation), so nothing here is visible on the host. Args: INSTANCE_DIR HOSTNAME UID
+# with private propagation), so nothing here is visible on the host.
+# Args: INSTANCE_DIR HOSTNAME UID [no-python]
 set -eu
-I=$1; HN=$2; UID_=$3
+I=$1; HN=$2; UID_=$3; IMAGE=${4:-}
 
 # /run first, and bind the instance dir there: later tmpfs mounts (e.g. /tmp) must not hide
 # the host keys and config even if the state dir lives under /tmp.
@@ -38,4 +39,14 @@ for f in passwd shadow group hosts hostname; do
 done
 mount --bind /run/ec2sim/etc/sudoers.d /etc/sudoers.d
 hostname "$HN"
+# An image without python3: every python3 on the PATH becomes an empty, non-executable file.
+if [ "$IMAGE" = no-python ]; then
+  : > /run/no-such-program
+  chmod 0444 /run/no-such-program
+  for d in /usr/local/sbin /usr/local/bin /usr/sbin /usr/bin /sbin /bin; do
+    for p in "$d"/python3*; do
+      if [ -f "$p" ]; then mount --bind /run/no-such-program "$p"; fi
+    done
+  done
+fi
 exec /usr/sbin/sshd -D -f /run/ec2sim/sshd_config -E /run/ec2sim/sshd.log

@@ -51,10 +51,19 @@ def take_api(sdir, action):
 
 
 def take_never_boot(sdir):
+    return _take_one(sdir, "never_boot")
+
+
+def take_no_python(sdir):
+    return _take_one(sdir, "no_python")
+
+
+def _take_one(sdir, key):
+    """Uses up one of a counted fault; True if there was one left."""
     def fn(d):
-        n = d.get("never_boot", 0)
+        n = d.get(key, 0)
         if n > 0:
-            d["never_boot"] = n - 1
+            d[key] = n - 1
             return True
         return False
 

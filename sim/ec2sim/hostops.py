@@ -180,13 +180,15 @@ def unshape(ns, hv):
     run(["tc", "-n", ns, "qdisc", "del", "dev", "eth0", "root"], check=False)
 
 
-def start_sshd(ledger, idir, ns, hostname, uid):
+def start_sshd(ledger, idir, ns, hostname, uid, no_python=False):
     """unshare (host pid P) forks PID 1 of a new pid namespace that becomes sshd -D.
-    Killing that PID 1 kills every process of the instance, even daemonised ones."""
+    Killing that PID 1 kills every process of the instance, even daemonised ones.
+    no_python: the instance looks like an image without python3 (it is hidden)."""
     log = open(os.path.join(idir, "boot.log"), "ab")
     args = ["nsenter", f"--net=/run/netns/{ns}", "--", "unshare", "--mount", "--uts", "--pid",
             "--fork", "--mount-proc", "--propagation", "private", "--",
-            "/bin/sh", os.path.join(HERE, "boot.sh"), idir, hostname, str(uid)]
+            "/bin/sh", os.path.join(HERE, "boot.sh"), idir, hostname, str(uid),
+            "no-python" if no_python else ""]
     p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                          start_new_session=True)
     log.close()

@@ -26,6 +26,7 @@ class Inst:
         self.hostname = "ip-" + addr.replace(".", "-")
         self.idir = None
         self.uid = None
+        self.no_python = False  # boots as an image without python3 (fault no-python)
 
 
 class Sim:
@@ -87,6 +88,7 @@ class Sim:
         f = faults.load(self.sdir)
         delay = float(f.get("boot_delay", self.boot_delay))
         never = faults.take_never_boot(self.sdir)
+        inst.no_python = faults.take_no_python(self.sdir)
         with inst.lock:
             if inst.stop_evt.is_set():
                 return
@@ -110,7 +112,8 @@ class Sim:
 
     def _start_sshd(self, inst):
         inst.proc, inst.init_pid = hostops.start_sshd(self.ledger, inst.idir, inst.ns,
-                                                      inst.hostname, inst.uid)
+                                                      inst.hostname, inst.uid,
+                                                      inst.no_python)
         self._write_info(inst)
 
     def _write_info(self, inst):

@@ -60,6 +60,18 @@ def test_boot_delay_and_never_boot(sim):
                                             inst["InstanceId"]])
 
 
+def test_no_python_image(sim):
+    sim.run("fault", "no-python")
+    bare = sim.launch("t3.nano")
+    full = sim.launch("t3.nano")  # only the next one is bare
+    probe = ("python3 -c 'print(1)' 2>/dev/null || echo none; "
+             "sudo -n bash -c 'python3 -c 1 2>/dev/null || echo none'")
+    assert sim.ssh(bare, probe).stdout.split() == ["none", "none"]
+    assert "none" not in sim.ssh(full, probe).stdout
+    assert sim.ssh(bare, "command -v sh").stdout.strip()  # the rest of the image is there
+    sim.ec2.terminate_instances(InstanceIds=[bare["InstanceId"], full["InstanceId"]])
+
+
 def test_attach_delay(sim):
     inst = sim.launch("t3.nano")
     vid = sim.ec2.create_volume(AvailabilityZone="us-east-1a", Size=1)["VolumeId"]

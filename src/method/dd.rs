@@ -15,19 +15,53 @@ use super::{MethodError, Source, Transfer};
 use crate::quote::glob_escape;
 use crate::ssh::{describe_failure, detach_from_terminal_signals, Session};
 
-/// Writes stdin (decompressed first when $2 is zstd) to the device with large blocks and
-/// fsyncs it. (tee with its 8 KiB buffers cost twice dd's CPU on the helper.)
+/// Writes stdin (decompressed first when $2 is zstd) to the device $1 and fsyncs it. With
+/// python3 on the helper (every cloud-init image has it), the bytes are hashed as they are
+/// written and `sha256 HEX BYTES` is printed; without it dd writes and the caller reads the
+/// archive back to hash it.
+/// `$3` is [`WRITER`].
 const WRITE_SCRIPT: &str = r#"set -euo pipefail
+dev=$1 wire=$2 writer=$3
 # Never write an archive over a partition table or a filesystem (an rsync backup).
-if [ -n "$(blkid -p -o value -s PTTYPE -- "$1" 2>/dev/null || true)" ]; then exit 5; fi
-if [ -n "$(blkid -p -o value -s TYPE -- "$1" 2>/dev/null || true)" ]; then exit 6; fi
-if [ "$2" = zstd ]; then zstd -q -d -c | dd of="$1" bs=4M iflag=fullblock conv=fsync status=none
-else dd of="$1" bs=4M iflag=fullblock conv=fsync status=none; fi
+if [ -n "$(blkid -p -o value -s PTTYPE -- "$dev" 2>/dev/null || true)" ]; then exit 5; fi
+if [ -n "$(blkid -p -o value -s TYPE -- "$dev" 2>/dev/null || true)" ]; then exit 6; fi
+if python3 -I -c '' >/dev/null 2>&1; then write() { python3 -I -c "$writer" "$dev"; }
+else write() { dd of="$dev" bs=1M iflag=fullblock conv=fsync status=none; }; fi
+if [ "$wire" = zstd ]; then zstd -q -d -c | write; else write; fi
 "#;
 
-/// Reads the first $2 bytes back from the device and prints their SHA-256: the proof that the
-/// volume holds the archive. OpenSSL's digest uses the CPU's SHA instructions (6x coreutils'
-/// sha256sum here), so it is preferred.
+/// The helper's writer: 1 MiB blocks from stdin to the device, each hashed (OpenSSL's
+/// SHA-256 behind hashlib) on its way; a 1 MiB stdin pipe lets sshd run ahead of the writes.
+const WRITER: &str = r#"import fcntl, hashlib, os, sys
+try:
+    fcntl.fcntl(0, 1031, 1 << 20)  # F_SETPIPE_SZ
+except OSError:
+    pass
+fd = os.open(sys.argv[1], os.O_WRONLY)
+digest, total = hashlib.sha256(), 0
+buf = memoryview(bytearray(1 << 20))
+while True:
+    filled = 0
+    while filled < len(buf):
+        got = os.readv(0, [buf[filled:]])
+        if got == 0:
+            break
+        filled += got
+    if filled == 0:
+        break
+    digest.update(buf[:filled])
+    done = 0
+    while done < filled:
+        done += os.write(fd, buf[done:filled])
+    total += filled
+os.fsync(fd)
+os.close(fd)
+print("sha256", digest.hexdigest(), total)
+"#;
+
+/// Reads the first $2 bytes back from the device and prints their SHA-256 (helpers without
+/// python3). OpenSSL's digest uses the CPU's SHA instructions (6x coreutils' sha256sum
+/// here), so it is preferred.
 const READ_BACK_SCRIPT: &str = r#"set -euo pipefail
 if command -v openssl >/dev/null 2>&1; then digest() { openssl dgst -sha256 -r; }
 else digest() { sha256sum; }; fi
@@ -78,6 +112,7 @@ pub async fn backup(
             source: e,
         })?;
     let mut from_tar = tar.stdout.take().expect("piped");
+    super::widen_pipe(&from_tar);
 
     // Look at the start of the archive, then decide how to send it.
     let mut sample = Vec::with_capacity(SAMPLE);
@@ -115,6 +150,7 @@ pub async fn backup(
             "write",
             device,
             wire.as_str(),
+            WRITER,
         ])?
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -124,8 +160,10 @@ pub async fn backup(
             program: "ssh",
             source: e,
         })?;
+    let to_helper = writer.stdin.take().expect("piped");
+    super::widen_pipe(&to_helper);
     let mut sender = Sender {
-        to_helper: writer.stdin.take().expect("piped"),
+        to_helper,
         hasher: Sha256::new(),
         bytes: 0,
         wire_bytes: 0,
@@ -198,7 +236,40 @@ pub async fn backup(
         Some(2) => true,
         _ => return Err(MethodError::Failed(format!("tar failed ({status})"))),
     };
-    let read_back = ssh
+    let remote = match written_digest(&String::from_utf8_lossy(&out.stdout)) {
+        Some((sum, written)) if written == bytes => sum,
+        Some((sum, written)) => {
+            return Err(MethodError::Failed(format!(
+                "the helper wrote {written} bytes (SHA-256 {sum}) but {bytes} were sent"
+            )))
+        }
+        None => read_back(ssh, device, bytes).await?,
+    };
+    if remote != local {
+        return Err(MethodError::Mismatch { local, remote });
+    }
+    Ok(Transfer {
+        bytes,
+        sha256: Some(local),
+        incomplete,
+        wire: Some(wire.as_str()),
+        wire_bytes,
+    })
+}
+
+/// The writer's `sha256 HEX BYTES` line, when the helper had python3 to hash while writing.
+fn written_digest(stdout: &str) -> Option<(String, u64)> {
+    let line = stdout.lines().rev().find(|l| l.starts_with("sha256 "))?;
+    let mut words = line.split_whitespace().skip(1);
+    let sum = words.next()?;
+    let bytes = words.next()?.parse().ok()?;
+    (sum.len() == 64 && sum.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| (sum.to_ascii_lowercase(), bytes))
+}
+
+/// Hashes the archive's `bytes` as read back from the device (a helper without python3).
+async fn read_back(ssh: &Session, device: &str, bytes: u64) -> Result<String, MethodError> {
+    let out = ssh
         .run(
             "Reading the archive back from the volume",
             &[
@@ -213,21 +284,7 @@ pub async fn backup(
             ],
         )
         .await?;
-    let remote = read_back
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_string();
-    if remote != local {
-        return Err(MethodError::Mismatch { local, remote });
-    }
-    Ok(Transfer {
-        bytes,
-        sha256: Some(local),
-        incomplete,
-        wire: Some(wire.as_str()),
-        wire_bytes,
-    })
+    Ok(out.split_whitespace().next().unwrap_or("").to_string())
 }
 
 /// The stream to the helper: every byte is hashed (as the volume will hold it), counted, and
