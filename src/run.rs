@@ -176,7 +176,8 @@ impl Job {
             .await?;
         report.step(&format!("launched {instance_id}"));
 
-        // The volume is made ready while the instance boots.
+        // While the instance boots: the volume is made ready (and attached once the
+        // instance runs), and ssh is tried as soon as the helper's address is known.
         let volume = async {
             if let Some(v) = &plan.existing_volume {
                 return Ok((v.id.clone(), v.size_gib));
@@ -196,33 +197,25 @@ impl Job {
             Ok::<_, Error>((id, plan.new_volume_gib))
         };
         let running = async {
-            wait::instance_running(cloud, &instance_id, STATE_LIMIT)
-                .await
-                .map_err(Error::from)
+            let instance = wait::instance_running(cloud, &instance_id, STATE_LIMIT).await?;
+            report.step(&format!(
+                "{instance_id} is running at {}",
+                instance.address.unwrap_or_default()
+            ));
+            Ok::<_, Error>(())
         };
-        let ((volume_id, size_gib), instance) = tokio::try_join!(volume, running)?;
-        let host = instance.address.unwrap_or_default();
-        report.step(&format!("{instance_id} is running at {host}"));
-
-        let (c, v, i) = (cloud.clone(), volume_id.clone(), instance_id.clone());
-        self.ledger
-            .create(
-                async move { c.attach_volume(&v, &i, DEVICE).await.map(|()| (v, i)) },
-                |(volume, instance): &(String, String)| Resource::Attachment {
-                    volume: volume.clone(),
-                    instance: instance.clone(),
-                },
-            )
-            .await?;
-        let mut session = Session::new(
-            &host,
-            LOGIN_USER,
-            workdir,
-            identity.as_deref(),
-            &self.options.ssh,
-            &host_public,
-        )?;
         let attached = async {
+            let ((volume_id, size_gib), ()) = tokio::try_join!(volume, running)?;
+            let (c, v, i) = (cloud.clone(), volume_id.clone(), instance_id.clone());
+            self.ledger
+                .create(
+                    async move { c.attach_volume(&v, &i, DEVICE).await.map(|()| (v, i)) },
+                    |(volume, instance): &(String, String)| Resource::Attachment {
+                        volume: volume.clone(),
+                        instance: instance.clone(),
+                    },
+                )
+                .await?;
             wait::volume_state(
                 cloud,
                 &volume_id,
@@ -230,16 +223,23 @@ impl Job {
                 Some(&instance_id),
                 STATE_LIMIT,
             )
-            .await
-            .map_err(Error::from)
+            .await?;
+            Ok::<_, Error>((volume_id, size_gib))
         };
         let connected = async {
-            session
-                .connect(self.options.boot_timeout)
-                .await
-                .map_err(Error::from)
+            let host = wait::instance_address(cloud, &instance_id, STATE_LIMIT).await?;
+            let mut session = Session::new(
+                &host,
+                LOGIN_USER,
+                workdir,
+                identity.as_deref(),
+                &self.options.ssh,
+                &host_public,
+            )?;
+            session.connect(self.options.boot_timeout).await?;
+            Ok::<_, Error>(session)
         };
-        tokio::try_join!(attached, connected)?;
+        let ((volume_id, size_gib), session) = tokio::try_join!(attached, connected)?;
         *self.ssh.lock().await = Some(session);
         report.step("connected; looking for the volume's device");
         if plan.existing_volume.is_some() {
@@ -292,29 +292,41 @@ impl Job {
             transfer.bytes
         ));
 
+        let session = self.ssh.lock().await.take();
+        if let Some(mut s) = session {
+            s.close().await;
+        }
+        // The data is on the volume (written and flushed, or unmounted). Detaching, tagging
+        // and terminating the helper now go on at once: termination never takes a volume
+        // that was attached after launch with it, and the explicit detach frees the volume
+        // sooner than termination would.
         cloud.detach_volume(&volume_id, &instance_id).await?;
-        wait::volume_state(cloud, &volume_id, "available", None, STATE_LIMIT).await?;
-        self.ledger.forget(&Resource::Attachment {
-            volume: volume_id.clone(),
-            instance: instance_id.clone(),
-        });
         let mut done = self.volume_tags(!transfer.incomplete);
         done.push((crate::gc::FINISHED_TAG.into(), now()));
         if let Some(sum) = &transfer.sha256 {
             done.push(("ec2-backup:sha256".into(), sum.clone()));
             done.push(("ec2-backup:bytes".into(), transfer.bytes.to_string()));
         }
-        cloud.create_tags(&volume_id, &done).await?;
+        tokio::try_join!(
+            async {
+                wait::volume_state(cloud, &volume_id, "available", None, STATE_LIMIT).await?;
+                self.ledger.forget(&Resource::Attachment {
+                    volume: volume_id.clone(),
+                    instance: instance_id.clone(),
+                });
+                Ok::<_, Error>(())
+            },
+            async { Ok(cloud.create_tags(&volume_id, &done).await?) },
+            // The ledger still holds the instance: its unwind waits for the end of this
+            // (repeating the call, which EC2 accepts for an instance already going).
+            async { Ok(cloud.terminate_instance(&instance_id).await?) },
+        )?;
         // From here on the backup is safe: the volume and the key pair are kept.
         self.ledger.forget(&Resource::Volume(volume_id.clone()));
         for r in self.ledger.snapshot() {
             if matches!(r, Resource::KeyPair { .. }) {
                 self.ledger.forget(&r);
             }
-        }
-        let session = self.ssh.lock().await.take();
-        if let Some(mut s) = session {
-            s.close().await;
         }
         // The rest (helper, security group) goes the way a failed run's would, in `run`,
         // where a signal can no longer hide the kept volume.

@@ -106,6 +106,9 @@ impl Session {
     pub async fn connect(&mut self, limit: Duration) -> Result<(), SshError> {
         let mut deadline = Instant::now() + limit;
         let mut refused_since: Option<Instant> = None;
+        // A booting helper refuses connections until its sshd starts: retry quickly at
+        // first, then less often.
+        let mut pause = Duration::from_millis(100);
         loop {
             let last = match self.try_master().await {
                 Ok(()) => return Ok(()),
@@ -124,7 +127,8 @@ impl Session {
                     last,
                 });
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 3 / 2).min(Duration::from_secs(1));
         }
     }
 
@@ -168,7 +172,7 @@ impl Session {
                     return Ok(());
                 }
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

@@ -303,6 +303,7 @@ impl Cloud for AwsCloud {
                 .public_ip_address()
                 .or(i.private_ip_address())
                 .map(str::to_string),
+            public_address: i.public_ip_address().is_some(),
         }))
     }
 

@@ -87,6 +87,9 @@ pub struct Instance {
     pub zone: String,
     /// The address to reach it by: the public one if it has one, else the private one.
     pub address: Option<String>,
+    /// Whether `address` is the public one. A pending instance may get its public address
+    /// a moment after its private one; a running instance has all it will have.
+    pub public_address: bool,
 }
 
 /// An image's root disk: its device name and (when the image says) its size.

@@ -65,6 +65,41 @@ pub async fn instance_running<C: Cloud>(
     .await
 }
 
+/// Waits until the helper has the address it will keep: as soon as a public one is known,
+/// which is often while the instance is still pending (ssh can then be tried while it
+/// boots), or else once it is running. Returns that address.
+pub async fn instance_address<C: Cloud>(
+    cloud: &C,
+    id: &str,
+    limit: Duration,
+) -> CloudResult<String> {
+    until(
+        "Waiting for the helper instance's address",
+        limit,
+        || async {
+            match cloud.describe_instance(id).await? {
+                Some(Instance {
+                    state,
+                    address: Some(a),
+                    public_address,
+                    ..
+                }) if state == "running" || (state == "pending" && public_address) => {
+                    Ok(Poll::Ready(a))
+                }
+                Some(i) if matches!(i.state.as_str(), "pending" | "running") => {
+                    Ok(Poll::Pending(i.state))
+                }
+                Some(i) => Err(CloudError::new(
+                    "Waiting for the helper instance to start",
+                    format!("the instance {id} is {} instead of running", i.state),
+                )),
+                None => Ok(Poll::Pending("not visible yet".into())),
+            }
+        },
+    )
+    .await
+}
+
 /// Waits until the volume is in `state` (with `attached` meaning attached to `instance`).
 pub async fn volume_state<C: Cloud>(
     cloud: &C,

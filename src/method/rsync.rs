@@ -129,7 +129,11 @@ pub fn rsync_command(ssh: &Session, source: &Source, log: &Path) -> Result<Comma
 }
 
 /// Mirrors `source` onto the mounted volume; `scratch` is a private directory for rsync's log.
-pub async fn backup(ssh: &Session, source: &Source, scratch: &Path) -> Result<Transfer, MethodError> {
+pub async fn backup(
+    ssh: &Session,
+    source: &Source,
+    scratch: &Path,
+) -> Result<Transfer, MethodError> {
     let log = scratch.join("rsync.log");
     let cmd = rsync_command(ssh, source, &log)?;
     let mut transfer = sync(cmd).await?;
@@ -146,7 +150,8 @@ fn written_bytes(log: &str) -> u64 {
         .filter_map(|line| {
             let rest = &line[line.find(" ec2-backup ")? + " ec2-backup ".len()..];
             let (item, length) = rest.split_once(' ')?;
-            item.starts_with(">f").then(|| length.trim().parse::<u64>().ok())?
+            item.starts_with(">f")
+                .then(|| length.trim().parse::<u64>().ok())?
         })
         .sum()
 }
