@@ -35,8 +35,31 @@ pub enum SshError {
 pub struct Session {
     host: String,
     options: Vec<OsString>,
+    /// The master connection's socket (one per connection attempt, see [`Session::connect`]).
     control: PathBuf,
+    workdir: PathBuf,
     master: Option<Child>,
+}
+
+fn control_path(control: &Path) -> OsString {
+    let mut o = OsString::from("ControlPath=");
+    o.push(control);
+    o
+}
+
+/// One line saying why a master attempt ended.
+async fn failure_of(mut child: Child, status: std::process::ExitStatus) -> String {
+    let mut err = String::new();
+    if let Some(mut s) = child.stderr.take() {
+        use tokio::io::AsyncReadExt;
+        let _ = s.read_to_string(&mut err).await;
+    }
+    let err = err.trim();
+    if err.is_empty() {
+        format!("ssh exited with {status}")
+    } else {
+        last_line(err)
+    }
 }
 
 impl Session {
@@ -53,7 +76,6 @@ impl Session {
         let known_hosts = workdir.join("known_hosts");
         std::fs::write(&known_hosts, format!("{host} {}\n", host_key.trim()))
             .map_err(SshError::Files)?;
-        let control = workdir.join("control");
         // The user's flags come first: ssh keeps the first value it sees for an option, so
         // they can override defaults such as the login user.
         let mut options: Vec<OsString> = flags.words.iter().map(OsString::from).collect();
@@ -78,7 +100,6 @@ impl Session {
             &mut options,
             "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com".into(),
         );
-        opt(&mut options, format!("ControlPath={}", control.display()));
         opt(&mut options, "LogLevel=ERROR".into());
         if let Some(id) = identity {
             options.push("-i".into());
@@ -89,37 +110,71 @@ impl Session {
         Ok(Session {
             host: host.to_string(),
             options,
-            control,
+            control: workdir.join("control-0"),
+            workdir: workdir.to_path_buf(),
             master: None,
         })
     }
 
     fn ssh(&self) -> Command {
+        self.ssh_via(&self.control)
+    }
+
+    fn ssh_via(&self, control: &Path) -> Command {
         let mut cmd = Command::new("ssh");
         cmd.args(&self.options);
+        cmd.arg("-o").arg(control_path(control));
         detach_from_terminal_signals(&mut cmd);
         cmd.kill_on_drop(true);
         cmd
     }
 
     /// Connects the master, retrying while the instance boots, until `limit` passes.
+    ///
+    /// A booting helper refuses connections until its sshd starts, or (a cloud instance
+    /// still pending) lets them hang unanswered: refused attempts are retried quickly at
+    /// first, then less often, and an attempt that hangs for a second gets a fresh one
+    /// beside it (up to three at once, each with its own control socket), so that sshd is
+    /// found soon after it starts whatever the connect timeout. The first to log in wins.
     pub async fn connect(&mut self, limit: Duration) -> Result<(), SshError> {
         let mut deadline = Instant::now() + limit;
         let mut refused_since: Option<Instant> = None;
-        // A booting helper refuses connections until its sshd starts: retry quickly at
-        // first, then less often.
+        let mut attempts: Vec<(Child, PathBuf)> = Vec::new();
         let mut pause = Duration::from_millis(100);
+        let mut next = Instant::now();
+        let mut started = 0;
+        let mut last = String::from("no answer");
         loop {
-            let last = match self.try_master().await {
-                Ok(()) => return Ok(()),
-                Err(e) => e,
-            };
-            // A helper that answers but refuses our key or shows another host key is up:
-            // waiting the whole boot timeout would not help. A short grace covers cloud-init
-            // still writing the keys.
-            if is_refusal(&last) && refused_since.is_none() {
-                refused_since = Some(Instant::now());
-                deadline = deadline.min(Instant::now() + REFUSAL_GRACE);
+            if Instant::now() >= next && attempts.len() < 3 {
+                started += 1;
+                attempts.push(self.start_master(started)?);
+                next = Instant::now() + Duration::from_secs(1);
+            }
+            let mut i = 0;
+            while i < attempts.len() {
+                let (child, control) = &mut attempts[i];
+                let Some(status) = child.try_wait().map_err(SshError::Spawn)? else {
+                    if control.exists() && self.check(control).await {
+                        let (child, control) = attempts.swap_remove(i);
+                        self.master = Some(child);
+                        self.control = control;
+                        // The other attempts are killed as they are dropped.
+                        return Ok(());
+                    }
+                    i += 1;
+                    continue;
+                };
+                let (child, _) = attempts.swap_remove(i);
+                last = failure_of(child, status).await;
+                next = next.min(Instant::now() + pause);
+                pause = (pause * 3 / 2).min(Duration::from_secs(1));
+                // A helper that answers but refuses our key or shows another host key is
+                // up: waiting the whole boot timeout would not help. A short grace covers
+                // cloud-init still writing the keys.
+                if is_refusal(&last) && refused_since.is_none() {
+                    refused_since = Some(Instant::now());
+                    deadline = deadline.min(Instant::now() + REFUSAL_GRACE);
+                }
             }
             if Instant::now() >= deadline {
                 return Err(SshError::NotReady {
@@ -127,53 +182,37 @@ impl Session {
                     last,
                 });
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 3 / 2).min(Duration::from_secs(1));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
-    async fn try_master(&mut self) -> Result<(), String> {
-        let _ = std::fs::remove_file(&self.control);
-        let mut child = self
-            .ssh()
+    /// Starts master attempt `n` on a control socket of its own.
+    fn start_master(&self, n: u32) -> Result<(Child, PathBuf), SshError> {
+        let control = self.workdir.join(format!("control-{n}"));
+        let _ = std::fs::remove_file(&control);
+        let child = self
+            .ssh_via(&control)
             .args(["-o", "ControlMaster=yes", "-o", "ControlPersist=no", "-N"])
             .arg(&self.host)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("could not run ssh: {e}"))?;
-        loop {
-            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-                let mut err = String::new();
-                if let Some(mut s) = child.stderr.take() {
-                    use tokio::io::AsyncReadExt;
-                    let _ = s.read_to_string(&mut err).await;
-                }
-                let err = err.trim();
-                return Err(if err.is_empty() {
-                    format!("ssh exited with {status}")
-                } else {
-                    last_line(err)
-                });
-            }
-            if self.control.exists() {
-                let check = self
-                    .ssh()
-                    .args(["-O", "check"])
-                    .arg(&self.host)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .await;
-                if check.is_ok_and(|s| s.success()) {
-                    self.master = Some(child);
-                    return Ok(());
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            .map_err(SshError::Spawn)?;
+        Ok((child, control))
+    }
+
+    /// Whether the master behind `control` is logged in.
+    async fn check(&self, control: &Path) -> bool {
+        self.ssh_via(control)
+            .args(["-O", "check"])
+            .arg(&self.host)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .is_ok_and(|s| s.success())
     }
 
     /// A command that runs `words` on the helper over the master connection.
@@ -210,6 +249,8 @@ impl Session {
         for o in &self.options {
             words.push(rsh_word(&o.to_string_lossy())?);
         }
+        words.push("-o".into());
+        words.push(rsh_word(&control_path(&self.control).to_string_lossy())?);
         words.push("-o".into());
         words.push("ControlMaster=no".into());
         Ok(words.join(" "))
@@ -328,7 +369,11 @@ mod tests {
             rsh.starts_with("ssh -i '/k with space' -o BatchMode=yes"),
             "{rsh}"
         );
-        assert!(rsh.ends_with("-l ec2-user -o ControlMaster=no"), "{rsh}");
+        let control = format!("-o ControlPath={}/control-0", dir.path().display());
+        assert!(
+            rsh.ends_with(&format!("-l ec2-user {control} -o ControlMaster=no")),
+            "{rsh}"
+        );
         let kh = std::fs::read_to_string(dir.path().join("known_hosts")).unwrap();
         assert_eq!(kh, "10.0.0.1 ssh-ed25519 AAAA\n");
         assert_eq!(s.rsync_host(), "10.0.0.1");
