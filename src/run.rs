@@ -196,8 +196,17 @@ impl Job {
             wait::volume_state(cloud, &id, "available", None, STATE_LIMIT).await?;
             Ok::<_, Error>((id, plan.new_volume_gib))
         };
+        // Once ssh gets in, the instance is up: look at its state again at once rather than
+        // after the long pause its poll has grown to.
+        let ssh_up = tokio::sync::Notify::new();
         let running = async {
-            let instance = wait::instance_running(cloud, &instance_id, STATE_LIMIT).await?;
+            let instance = tokio::select! {
+                i = wait::instance_running(cloud, &instance_id, STATE_LIMIT) => i?,
+                i = async {
+                    ssh_up.notified().await;
+                    wait::instance_running(cloud, &instance_id, STATE_LIMIT).await
+                } => i?,
+            };
             report.step(&format!(
                 "{instance_id} is running at {}",
                 instance.address.unwrap_or_default()
@@ -237,6 +246,7 @@ impl Job {
                 &host_public,
             )?;
             session.connect(self.options.boot_timeout).await?;
+            ssh_up.notify_one();
             Ok::<_, Error>(session)
         };
         let ((volume_id, size_gib), session) = tokio::try_join!(attached, connected)?;

@@ -132,9 +132,9 @@ impl Session {
     /// Connects the master, retrying while the instance boots, until `limit` passes.
     ///
     /// A booting helper refuses connections until its sshd starts, or (a cloud instance
-    /// still pending) lets them hang unanswered: refused attempts are retried quickly at
-    /// first, then less often, and an attempt that hangs for a second gets a fresh one
-    /// beside it (up to three at once, each with its own control socket), so that sshd is
+    /// still pending) lets them hang unanswered: refused attempts are retried every 0.1 to
+    /// 0.25 s, and an attempt that hangs for half a second gets a fresh one beside it (each
+    /// with its own control socket; at most four, the oldest giving way), so that sshd is
     /// found soon after it starts whatever the connect timeout. The first to log in wins.
     pub async fn connect(&mut self, limit: Duration) -> Result<(), SshError> {
         let mut deadline = Instant::now() + limit;
@@ -145,17 +145,20 @@ impl Session {
         let mut started = 0;
         let mut last = String::from("no answer");
         loop {
-            if Instant::now() >= next && attempts.len() < 3 {
+            if Instant::now() >= next {
+                if attempts.len() == 4 {
+                    attempts.remove(0);
+                }
                 started += 1;
                 attempts.push(self.start_master(started)?);
-                next = Instant::now() + Duration::from_secs(1);
+                next = Instant::now() + Duration::from_millis(500);
             }
             let mut i = 0;
             while i < attempts.len() {
                 let (child, control) = &mut attempts[i];
                 let Some(status) = child.try_wait().map_err(SshError::Spawn)? else {
                     if control.exists() && self.check(control).await {
-                        let (child, control) = attempts.swap_remove(i);
+                        let (child, control) = attempts.remove(i);
                         self.master = Some(child);
                         self.control = control;
                         // The other attempts are killed as they are dropped.
@@ -164,10 +167,10 @@ impl Session {
                     i += 1;
                     continue;
                 };
-                let (child, _) = attempts.swap_remove(i);
+                let (child, _) = attempts.remove(i);
                 last = failure_of(child, status).await;
                 next = next.min(Instant::now() + pause);
-                pause = (pause * 3 / 2).min(Duration::from_secs(1));
+                pause = (pause * 3 / 2).min(Duration::from_millis(250));
                 // A helper that answers but refuses our key or shows another host key is
                 // up: waiting the whole boot timeout would not help. A short grace covers
                 // cloud-init still writing the keys.

@@ -20,7 +20,7 @@ where
     Fut: Future<Output = CloudResult<Poll<T>>>,
 {
     let deadline = Instant::now() + limit;
-    let mut interval = Duration::from_millis(100);
+    let mut interval = Duration::from_millis(50);
     loop {
         match check().await? {
             Poll::Ready(v) => return Ok(v),
@@ -34,9 +34,10 @@ where
             }
         }
         tokio::time::sleep(interval).await;
-        // Capped low: a state reached is noticed within half a second (Describe calls are
-        // cheap and their rate limits generous next to one run's few minutes of polling).
-        interval = (interval * 3 / 2).min(Duration::from_millis(500));
+        // Tight at first (the simulator and a fast EC2 answer within a second), then capped
+        // low: a state reached is noticed within half a second. About ten Describe calls in
+        // the first two seconds, two a second after: far below EC2's request rate limits.
+        interval = (interval * 4 / 3).min(Duration::from_millis(500));
     }
 }
 
