@@ -73,3 +73,29 @@ fn json_reports_what_is_on_the_volume() {
     assert!(v["instance_cost_usd"].as_f64().unwrap() > 0.0);
     assert_no_live_instances();
 }
+
+/// rsync's `bytes` are those of the files it wrote: all of them the first time, only the
+/// changed one when the volume is reused.
+#[test]
+fn json_for_rsync_counts_the_bytes_written() {
+    let d = small_dir();
+    fs::write(d.path().join("g"), b"twelve bytes").unwrap();
+    let json = |args: &[&str]| {
+        let r = run(ec2_backup()
+            .args(["--json", "-m", "rsync"])
+            .args(args)
+            .arg(d.path()));
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        serde_json::from_str::<serde_json::Value>(r.stdout.trim()).unwrap()
+    };
+    let first = json(&[]);
+    assert_eq!(first["method"], "rsync");
+    assert_eq!(first["bytes"], 200_000 + 12);
+    assert_eq!(first["sha256"], serde_json::Value::Null);
+    let vol = first["volume_id"].as_str().unwrap().to_string();
+    fs::write(d.path().join("g"), b"thirteen byte").unwrap();
+    let again = json(&["-v", &vol]);
+    assert_eq!(again["volume_id"], vol.as_str());
+    assert_eq!(again["bytes"], 13);
+    assert_no_live_instances();
+}

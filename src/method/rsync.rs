@@ -144,13 +144,14 @@ pub async fn backup(
 }
 
 /// The bytes of the regular files rsync wrote (sent whole or as a delta, whatever crossed
-/// the link), summed from its log.
+/// the link), summed from its log: the items `<f` (sent, as this side logs a push) and `>f`
+/// (received, as a local copy logs them).
 fn written_bytes(log: &str) -> u64 {
     log.lines()
         .filter_map(|line| {
             let rest = &line[line.find(" ec2-backup ")? + " ec2-backup ".len()..];
             let (item, length) = rest.split_once(' ')?;
-            item.starts_with(">f")
+            (item.starts_with("<f") || item.starts_with(">f"))
                 .then(|| length.trim().parse::<u64>().ok())?
         })
         .sum()
@@ -222,7 +223,7 @@ mod tests {
     fn written_bytes_counts_only_files_rsync_wrote() {
         let log = "2026/11/27 06:01:14 [24409] building file list\n\
                    2026/11/27 06:01:14 [24409] ec2-backup >f+++++++++ 1000\n\
-                   2026/11/27 06:01:14 [24409] ec2-backup >f.st...... 24\n\
+                   2026/11/27 06:01:14 [24409] ec2-backup <f.st...... 24\n\
                    2026/11/27 06:01:14 [24409] ec2-backup cd+++++++++ 4096\n\
                    2026/11/27 06:01:14 [24409] ec2-backup hf+++++++++ 1000\n\
                    2026/11/27 06:01:14 [24409] ec2-backup *deleting   0\n\
