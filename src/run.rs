@@ -317,20 +317,28 @@ impl Job {
             done.push(("ec2-backup:sha256".into(), sum.clone()));
             done.push(("ec2-backup:bytes".into(), transfer.bytes.to_string()));
         }
-        tokio::try_join!(
-            async {
-                wait::volume_state(cloud, &volume_id, "available", None, STATE_LIMIT).await?;
-                self.ledger.forget(&Resource::Attachment {
-                    volume: volume_id.clone(),
-                    instance: instance_id.clone(),
-                });
-                Ok::<_, Error>(())
-            },
-            async { Ok(cloud.create_tags(&volume_id, &done).await?) },
-            // The ledger still holds the instance: its unwind waits for the end of this
-            // (repeating the call, which EC2 accepts for an instance already going).
-            async { Ok(cloud.terminate_instance(&instance_id).await?) },
-        )?;
+        let volume_done = async {
+            tokio::try_join!(
+                async {
+                    wait::volume_state(cloud, &volume_id, "available", None, STATE_LIMIT).await?;
+                    self.ledger.forget(&Resource::Attachment {
+                        volume: volume_id.clone(),
+                        instance: instance_id.clone(),
+                    });
+                    Ok::<_, Error>(())
+                },
+                async { Ok(cloud.create_tags(&volume_id, &done).await?) },
+            )
+        };
+        // An early start only: the ledger still holds the instance, and its unwind makes
+        // the call again (EC2 accepts it for an instance already going) and waits for the
+        // end. So a failure here must not fail the backup, which is whole.
+        let (volume_done, terminating) =
+            tokio::join!(volume_done, cloud.terminate_instance(&instance_id));
+        volume_done?;
+        if let Err(e) = terminating {
+            report.step(&format!("{e}; trying again in the cleanup"));
+        }
         // From here on the backup is safe: the volume and the key pair are kept.
         self.ledger.forget(&Resource::Volume(volume_id.clone()));
         for r in self.ledger.snapshot() {

@@ -134,31 +134,33 @@ impl Session {
     /// A booting helper refuses connections until its sshd starts, or (a cloud instance
     /// still pending) lets them hang unanswered: refused attempts are retried every 0.1 to
     /// 0.25 s, and an attempt that hangs for half a second gets a fresh one beside it (each
-    /// with its own control socket; at most four, the oldest giving way), so that sshd is
-    /// found soon after it starts whatever the connect timeout. The first to log in wins.
+    /// with its own control socket; at most four, the oldest giving way once it is 5 s old,
+    /// longer than a login takes even over a slow link), so that sshd is found soon after
+    /// it starts whatever the connect timeout. The first to log in wins.
     pub async fn connect(&mut self, limit: Duration) -> Result<(), SshError> {
         let mut deadline = Instant::now() + limit;
         let mut refused_since: Option<Instant> = None;
-        let mut attempts: Vec<(Child, PathBuf)> = Vec::new();
+        let mut attempts: Vec<(Child, PathBuf, Instant)> = Vec::new();
         let mut pause = Duration::from_millis(100);
         let mut next = Instant::now();
         let mut started = 0;
         let mut last = String::from("no answer");
         loop {
-            if Instant::now() >= next {
-                if attempts.len() == 4 {
-                    attempts.remove(0);
-                }
+            if attempts.len() >= 4 && attempts[0].2.elapsed() >= Duration::from_secs(5) {
+                attempts.remove(0);
+            }
+            if Instant::now() >= next && attempts.len() < 4 {
                 started += 1;
-                attempts.push(self.start_master(started)?);
+                let (child, control) = self.start_master(started)?;
+                attempts.push((child, control, Instant::now()));
                 next = Instant::now() + Duration::from_millis(500);
             }
             let mut i = 0;
             while i < attempts.len() {
-                let (child, control) = &mut attempts[i];
+                let (child, control, _) = &mut attempts[i];
                 let Some(status) = child.try_wait().map_err(SshError::Spawn)? else {
                     if control.exists() && self.check(control).await {
-                        let (child, control) = attempts.remove(i);
+                        let (child, control, _) = attempts.remove(i);
                         self.master = Some(child);
                         self.control = control;
                         // The other attempts are killed as they are dropped.
@@ -167,7 +169,7 @@ impl Session {
                     i += 1;
                     continue;
                 };
-                let (child, _) = attempts.remove(i);
+                let (child, _, _) = attempts.remove(i);
                 last = failure_of(child, status).await;
                 next = next.min(Instant::now() + pause);
                 pause = (pause * 3 / 2).min(Duration::from_millis(250));

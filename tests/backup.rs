@@ -70,9 +70,10 @@ fn dd_on_a_helper_without_python_reads_the_archive_back() {
     let src = s.path().join("src");
     fs::create_dir(&src).unwrap();
     tree::hostile(&src);
-    ec2sim(&["fault", "no-python"]);
+    let faults = Faults::new();
+    faults.set(&["no-python"]);
     let run = backup(&[], &src);
-    ec2sim(&["fault", "clear"]);
+    drop(faults);
     let vol = run.volume_id();
     assert_no_live_instances();
     let v = volume(&vol).expect("the volume exists");

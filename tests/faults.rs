@@ -28,51 +28,6 @@ const ZONE: &str = "us-east-1a";
 
 // ---- fault switches ---------------------------------------------------------------------
 
-/// The simulator's fault switches, cleared now and again when dropped (even by a panic).
-struct Faults;
-
-impl Faults {
-    fn new() -> Faults {
-        ec2sim(&["fault", "clear"]);
-        Faults
-    }
-
-    /// `scripts/ec2sim fault ARGS`.
-    fn set(&self, args: &[&str]) -> &Faults {
-        let mut all = vec!["fault"];
-        all.extend_from_slice(args);
-        ec2sim(&all);
-        self
-    }
-
-    fn api(&self, action: &str, code: &str, count: u32) -> &Faults {
-        self.set(&["api", action, code, &count.to_string()])
-    }
-
-    /// How many failures of `action` are still armed (0 once all were consumed).
-    fn armed(&self, action: &str) -> u64 {
-        let name = std::env::var("EC2SIM_NAME").unwrap_or_else(|_| "default".into());
-        let root = std::env::var_os("EC2SIM_STATE_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo().join(".sim"));
-        let path = root.join(name).join("faults.json");
-        let data: Value = fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or(Value::Null);
-        data["api"][action]["count"].as_u64().unwrap_or(0)
-    }
-}
-
-impl Drop for Faults {
-    fn drop(&mut self) {
-        // No panic here: this also runs while a failed test unwinds.
-        let _ = Command::new(repo().join("scripts/ec2sim"))
-            .args(["fault", "clear"])
-            .status();
-    }
-}
-
 // ---- what exists before and after ---------------------------------------------------------
 
 /// What the simulator holds before a run, to tell what the run left behind.

@@ -9,13 +9,6 @@ use std::process::Stdio;
 
 use common::*;
 
-struct Faults;
-impl Drop for Faults {
-    fn drop(&mut self) {
-        ec2sim(&["fault", "clear"]);
-    }
-}
-
 #[test]
 fn gc_removes_what_a_killed_run_left_and_nothing_else() {
     ec2sim(&["fault", "clear"]);

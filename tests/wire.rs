@@ -7,13 +7,6 @@ use std::fs;
 
 use common::*;
 
-struct Faults;
-impl Drop for Faults {
-    fn drop(&mut self) {
-        ec2sim(&["fault", "clear"]);
-    }
-}
-
 fn backup_json(dir: &std::path::Path) -> serde_json::Value {
     let r = run(ec2_backup().arg("--json").arg(dir));
     assert_eq!(r.code, 0, "{}", r.stderr);

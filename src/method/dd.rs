@@ -33,14 +33,16 @@ if [ "$wire" = zstd ]; then zstd -q -d -c | write; else write; fi
 /// The helper's writer: 1 MiB blocks from stdin to the device, each hashed (OpenSSL's
 /// SHA-256 behind hashlib) on its way; a 1 MiB stdin pipe lets sshd run ahead of the writes.
 /// Every 16 MiB written are handed to the disk at once (fadvise DONTNEED starts their
-/// writeback and then frees their cache pages), so the device is written while the stream
-/// goes on instead of in one long fsync at the end, and a small helper's memory stays free.
+/// writeback; repeated over the 16 MiB before, by then written, it frees their cache pages),
+/// so the device is written while the stream goes on instead of in one long fsync at the end,
+/// and a small helper's memory stays free. O_EXCL: the kernel refuses a device in use
+/// (mounted, or held by another user).
 const WRITER: &str = r#"import fcntl, hashlib, os, sys
 try:
-    fcntl.fcntl(0, 1031, 1 << 20)  # F_SETPIPE_SZ
+    fcntl.fcntl(0, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
 except OSError:
     pass
-fd = os.open(sys.argv[1], os.O_WRONLY)
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_EXCL)
 digest, total, flushed = hashlib.sha256(), 0, 0
 buf = memoryview(bytearray(1 << 20))
 while True:
@@ -55,10 +57,14 @@ while True:
     digest.update(buf[:filled])
     done = 0
     while done < filled:
-        done += os.write(fd, buf[done:filled])
+        wrote = os.write(fd, buf[done:filled])
+        if wrote <= 0:
+            sys.exit("writing to the device made no progress")
+        done += wrote
     total += filled
     if total - flushed >= 16 << 20:
-        os.posix_fadvise(fd, flushed, total - flushed, os.POSIX_FADV_DONTNEED)
+        start = max(0, flushed - (16 << 20))
+        os.posix_fadvise(fd, start, total - start, os.POSIX_FADV_DONTNEED)
         flushed = total
 os.fsync(fd)
 os.close(fd)

@@ -86,7 +86,7 @@ pub enum MethodError {
     Cut(String),
     #[error("{0}")]
     Failed(String),
-    #[error("the volume does not hold what was sent: the local archive's SHA-256 is {local} but the volume's first bytes hash to {remote}")]
+    #[error("the volume does not hold what was sent: the local archive's SHA-256 is {local} but the helper's hash of what it wrote to the volume is {remote}")]
     Mismatch { local: String, remote: String },
     #[error("the volume {0} holds a dd backup (a tar archive) and no filesystem; refusing to format it for rsync (restore it first, or pick another volume)")]
     HoldsArchive(String),

@@ -143,18 +143,23 @@ pub async fn backup(
     Ok(transfer)
 }
 
-/// The bytes of the regular files rsync wrote (sent whole or as a delta, whatever crossed
-/// the link), summed from its log: the items `<f` (sent, as this side logs a push) and `>f`
-/// (received, as a local copy logs them).
+/// The size of the regular files rsync wrote (whole, even when only a delta crossed the
+/// link), summed from its log lines `DATE TIME [PID] ec2-backup ITEM LENGTH`: the items `<f`
+/// (sent, as this side logs a push) and `>f` (received, as a local copy logs them).
 fn written_bytes(log: &str) -> u64 {
     log.lines()
         .filter_map(|line| {
-            let rest = &line[line.find(" ec2-backup ")? + " ec2-backup ".len()..];
+            let mut words = line.splitn(4, ' ');
+            let (_date, _time, pid) = (words.next()?, words.next()?, words.next()?);
+            let rest = words.next()?.strip_prefix("ec2-backup ")?;
+            if !(pid.starts_with('[') && pid.ends_with(']')) {
+                return None;
+            }
             let (item, length) = rest.split_once(' ')?;
             (item.starts_with("<f") || item.starts_with(">f"))
                 .then(|| length.trim().parse::<u64>().ok())?
         })
-        .sum()
+        .fold(0u64, u64::saturating_add)
 }
 
 /// rsync's exits for a broken connection (socket, protocol stream, timeouts, ssh) as one
@@ -228,6 +233,7 @@ mod tests {
                    2026/11/27 06:01:14 [24409] ec2-backup hf+++++++++ 1000\n\
                    2026/11/27 06:01:14 [24409] ec2-backup *deleting   0\n\
                    2026/11/27 06:01:14 [24409] ec2-backup cL+++++++++ 7\n\
+                   2026/11/27 06:01:14 [24409] rsync: [sender] x ec2-backup >f 99: gone\n\
                    2026/11/27 06:01:14 [24409] sent 247 bytes  received 78 bytes  total size 3\n";
         assert_eq!(written_bytes(log), 1024);
         assert_eq!(written_bytes(""), 0);
