@@ -117,7 +117,9 @@ pub fn fits(footprint: u64, size_gib: i32, filesystem: bool) -> bool {
 ///
 /// The walk is spread over a few threads (it is bound by system calls, one `statx` per
 /// regular file; directories and links are typed from `readdir` alone), sharing a stack of
-/// directories still to read.
+/// directories still to read. Twice as many threads as cores: a thread waiting for the disk
+/// (a cold cache) or preempted by the cloud lookups running meanwhile leaves its core to
+/// another.
 pub fn inventory(root: &Path) -> Inventory {
     let pseudo: HashSet<PathBuf> = pseudo_mounts_below(root).into_iter().collect();
     let queue = Queue {
@@ -125,9 +127,9 @@ pub fn inventory(root: &Path) -> Inventory {
         ready: Condvar::new(),
     };
     let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .clamp(2, 8);
+        .map(|n| n.get() * 2)
+        .unwrap_or(4)
+        .clamp(4, 16);
     let parts: Vec<Part> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|_| scope.spawn(|| walk_part(root, &pseudo, &queue)))
