@@ -159,7 +159,7 @@ impl Session {
             while i < attempts.len() {
                 let (child, control, _) = &mut attempts[i];
                 let Some(status) = child.try_wait().map_err(SshError::Spawn)? else {
-                    if control.exists() && self.check(control).await {
+                    if control.exists() && self.master_op(control, "check").await {
                         let (child, control, _) = attempts.remove(i);
                         self.master = Some(child);
                         self.control = control;
@@ -207,10 +207,11 @@ impl Session {
         Ok((child, control))
     }
 
-    /// Whether the master behind `control` is logged in.
-    async fn check(&self, control: &Path) -> bool {
+    /// Sends `op` (`check`, `exit`) to the master behind `control`; whether it succeeded
+    /// (for `check`: whether that master is logged in).
+    async fn master_op(&self, control: &Path, op: &str) -> bool {
         self.ssh_via(control)
-            .args(["-O", "check"])
+            .args(["-O", op])
             .arg(&self.host)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -273,15 +274,7 @@ impl Session {
     /// Closes the master connection.
     pub async fn close(&mut self) {
         if let Some(mut master) = self.master.take() {
-            let _ = self
-                .ssh()
-                .args(["-O", "exit"])
-                .arg(&self.host)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .await;
+            self.master_op(&self.control, "exit").await;
             let _ = master.kill().await;
         }
     }

@@ -46,22 +46,12 @@ pub async fn instance_running<C: Cloud>(
     id: &str,
     limit: Duration,
 ) -> CloudResult<Instance> {
-    until(
+    instance_until(
+        cloud,
+        id,
         "Waiting for the helper instance to start",
         limit,
-        || async {
-            match cloud.describe_instance(id).await? {
-                Some(i) if i.state == "running" && i.address.is_some() => Ok(Poll::Ready(i)),
-                Some(i) if matches!(i.state.as_str(), "pending" | "running") => {
-                    Ok(Poll::Pending(i.state))
-                }
-                Some(i) => Err(CloudError::new(
-                    "Waiting for the helper instance to start",
-                    format!("the instance {id} is {} instead of running", i.state),
-                )),
-                None => Ok(Poll::Pending("not visible yet".into())),
-            }
-        },
+        |i| (i.state == "running" && i.address.is_some()).then(|| i.clone()),
     )
     .await
 }
@@ -74,30 +64,43 @@ pub async fn instance_address<C: Cloud>(
     id: &str,
     limit: Duration,
 ) -> CloudResult<String> {
-    until(
+    instance_until(
+        cloud,
+        id,
         "Waiting for the helper instance's address",
         limit,
-        || async {
-            match cloud.describe_instance(id).await? {
-                Some(Instance {
-                    state,
-                    address: Some(a),
-                    public_address,
-                    ..
-                }) if state == "running" || (state == "pending" && public_address) => {
-                    Ok(Poll::Ready(a))
-                }
-                Some(i) if matches!(i.state.as_str(), "pending" | "running") => {
+        |i| {
+            let kept = i.state == "running" || (i.state == "pending" && i.public_address);
+            i.address.clone().filter(|_| kept)
+        },
+    )
+    .await
+}
+
+/// Polls a starting instance until `ready` gives a value; an instance that is neither
+/// pending nor running (it will never start) is an error.
+async fn instance_until<C: Cloud, T>(
+    cloud: &C,
+    id: &str,
+    what: &'static str,
+    limit: Duration,
+    ready: impl Fn(&Instance) -> Option<T>,
+) -> CloudResult<T> {
+    until(what, limit, || async {
+        match cloud.describe_instance(id).await? {
+            Some(i) => match ready(&i) {
+                Some(v) => Ok(Poll::Ready(v)),
+                None if matches!(i.state.as_str(), "pending" | "running") => {
                     Ok(Poll::Pending(i.state))
                 }
-                Some(i) => Err(CloudError::new(
+                None => Err(CloudError::new(
                     "Waiting for the helper instance to start",
                     format!("the instance {id} is {} instead of running", i.state),
                 )),
-                None => Ok(Poll::Pending("not visible yet".into())),
-            }
-        },
-    )
+            },
+            None => Ok(Poll::Pending("not visible yet".into())),
+        }
+    })
     .await
 }
 

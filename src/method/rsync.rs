@@ -3,7 +3,8 @@
 //! Reusing a volume is incremental and mirrors deletions; `lost+found` is left alone.
 //!
 //! Integrity: rsync checks every file it writes against a whole-file checksum computed on
-//! both ends (part of its protocol; a mismatch is retried, then fails the run). Files it
+//! both ends (part of its protocol; a mismatch is sent again once, then rsync names the file
+//! and exits 23: the backup is incomplete). Files it
 //! leaves alone already matched by size and modification time. No second full-checksum pass
 //! is made: it would re-read the whole tree on both ends on every run, however small the
 //! change.
