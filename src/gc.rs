@@ -106,9 +106,7 @@ pub async fn gc(options: &GcOptions) -> Result<GcReport, Error> {
 pub fn unfinished_volume(tags: &BTreeMap<String, String>) -> bool {
     tags.get(CREATED_VOLUME_TAG).is_some_and(|x| x == "true")
         && !tags.contains_key(FINISHED_TAG)
-        && !tags
-            .get("ec2-backup:completed")
-            .is_some_and(|x| x == "true")
+        && tags.get("ec2-backup:completed").is_none_or(|x| x != "true")
 }
 
 /// Why a run's resource counts as abandoned, or None while its run may still be going.
