@@ -1,13 +1,15 @@
 //! `dd`: the directory becomes a POSIX (pax) tar archive, streamed from here over ssh and
 //! written raw onto the device from byte 0. The pax format carries long names, large and
 //! sparse files, hard links, symlinks, numeric owners, ACLs, xattrs and names that are not
-//! UTF-8. The stream passes through this process so that its length and SHA-256 are known
-//! here; the helper hashes the very bytes it writes, and the two must agree.
+//! UTF-8. The stream passes through this process (spliced, not copied, when it is not
+//! compressed) so that its length and SHA-256 are known here; the helper hashes the very bytes
+//! it writes, and the two must agree.
 
 use std::process::Stdio;
 
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use tokio::process::Command;
 
 use super::wire::{self, Wire, SAMPLE};
@@ -96,6 +98,9 @@ pub fn tar_command(source: &Source) -> Command {
             "--xattrs-include=*",
             "--anchored",
             "--warning=no-file-ignored",
+            // 1 MiB records: one write per MiB into the pipe instead of a hundred (the end
+            // of the archive is padded with zeros to a whole record, after its end marker).
+            "--record-size=1048576",
         ]);
     for skip in &source.skip_contents_of {
         cmd.arg(format!("--exclude=./{}/*", glob_escape(skip)));
@@ -111,34 +116,36 @@ pub async fn backup(
     volume_id: &str,
     progress: &indicatif::ProgressBar,
 ) -> Result<Transfer, MethodError> {
-    let mut tar = tar_command(source);
-    detach_from_terminal_signals(&mut tar);
-    let mut tar = tar
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| MethodError::Spawn {
-            program: "tar",
-            source: e,
-        })?;
-    let mut from_tar = tar.stdout.take().expect("piped");
+    let (from_tar, tar_out) = std::io::pipe().map_err(|e| MethodError::Spawn {
+        program: "tar",
+        source: e,
+    })?;
     super::widen_pipe(&from_tar);
+    // The command (and with it this process's copy of the pipe's write end) is dropped once
+    // tar runs, so that tar's exit is the end of the stream.
+    let mut tar = {
+        let mut cmd = tar_command(source);
+        detach_from_terminal_signals(&mut cmd);
+        cmd.stdin(Stdio::null())
+            .stdout(tar_out)
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| MethodError::Spawn {
+                program: "tar",
+                source: e,
+            })?
+    };
 
     // Look at the start of the archive, then decide how to send it.
-    let mut sample = Vec::with_capacity(SAMPLE);
-    while sample.len() < SAMPLE {
-        let before = sample.len();
-        (&mut from_tar)
-            .take((SAMPLE - before) as u64)
-            .read_to_end(&mut sample)
-            .await
-            .map_err(|e| MethodError::Failed(format!("reading from tar failed: {e}")))?;
-        if sample.len() == before {
-            break;
-        }
-    }
+    let (from_tar, sample) = tokio::task::spawn_blocking(move || {
+        let mut sample = Vec::with_capacity(SAMPLE);
+        let read = (&from_tar).take(SAMPLE as u64).read_to_end(&mut sample);
+        read.map(|_| (from_tar, sample))
+    })
+    .await
+    .map_err(|e| MethodError::Failed(format!("reading from tar failed: {e}")))?
+    .map_err(|e| MethodError::Failed(format!("reading from tar failed: {e}")))?;
     let wire = if sample.len() == SAMPLE {
         let measured = wire::measure(&sample);
         match measured.ratio <= 0.8 {
@@ -152,7 +159,12 @@ pub async fn backup(
         Wire::Plain
     };
 
-    let mut writer = ssh
+    let (helper_in, to_helper) = std::io::pipe().map_err(|e| MethodError::Spawn {
+        program: "ssh",
+        source: e,
+    })?;
+    super::widen_pipe(&to_helper);
+    let writer = ssh
         .command(&[
             "sudo",
             "-n",
@@ -164,7 +176,7 @@ pub async fn backup(
             wire.as_str(),
             WRITER,
         ])?
-        .stdin(Stdio::piped())
+        .stdin(helper_in)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -172,53 +184,30 @@ pub async fn backup(
             program: "ssh",
             source: e,
         })?;
-    let to_helper = writer.stdin.take().expect("piped");
-    super::widen_pipe(&to_helper);
-    let mut sender = Sender {
+    let pump = Pump {
+        from_tar,
         to_helper,
         hasher: Sha256::new(),
         bytes: 0,
         wire_bytes: 0,
         wire,
-        progress,
+        progress: progress.clone(),
     };
-    let mut cut = sender.send(&sample).await.err();
-    drop(sample);
-    // Whole 1 MiB chunks (a pipe read gives 64 KiB at most): fewer writes, and zstd frames
-    // big enough to compress well.
-    let mut buf = vec![0u8; 1 << 20];
-    while cut.is_none() {
-        let mut n = 0;
-        while n < buf.len() {
-            let got = from_tar
-                .read(&mut buf[n..])
-                .await
-                .map_err(|e| MethodError::Failed(format!("reading from tar failed: {e}")))?;
-            if got == 0 {
-                break;
-            }
-            n += got;
-        }
-        if n == 0 {
-            break;
-        }
-        cut = sender.send(&buf[..n]).await.err();
-    }
-    let Sender {
-        to_helper,
-        hasher,
+    let (done, pumped) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(pump.run(sample));
+    });
+    let (pumped, out) = tokio::join!(pumped, writer.wait_with_output());
+    progress.finish_and_clear();
+    let Pumped {
         bytes,
         wire_bytes,
-        ..
-    } = sender;
-    drop(to_helper);
-    progress.finish_and_clear();
-    let local = hex::encode(hasher.finalize());
-
-    let out = writer
-        .wait_with_output()
-        .await
-        .map_err(|e| MethodError::Failed(format!("waiting for ssh failed: {e}")))?;
+        sha256: local,
+        cut,
+    } = pumped
+        .map_err(|_| MethodError::Failed("the stream to the helper stopped".into()))?
+        .map_err(|e| MethodError::Failed(format!("reading from tar failed: {e}")))?;
+    let out = out.map_err(|e| MethodError::Failed(format!("waiting for ssh failed: {e}")))?;
     if !out.status.success() || cut.is_some() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let _ = tar.kill().await;
@@ -299,42 +288,233 @@ async fn read_back(ssh: &Session, device: &str, bytes: u64) -> Result<String, Me
     Ok(out.split_whitespace().next().unwrap_or("").to_string())
 }
 
-/// The stream to the helper: every byte is hashed (as the volume will hold it), counted, and
-/// compressed into its own zstd frame when the wire is zstd.
-struct Sender<'a> {
-    to_helper: tokio::process::ChildStdin,
+/// The stream from tar to the helper, on a thread of its own with plain blocking reads and
+/// writes of whole 1 MiB chunks: each of tar's records and each of ssh's reads wakes this
+/// thread at most once (an async pipe wakes its reader for every write into it, ~100,000
+/// times per GiB of tar's 10 KiB records). Every byte is hashed (as the volume will hold
+/// it), counted, and compressed into its own zstd frame when the wire is zstd.
+struct Pump {
+    from_tar: std::io::PipeReader,
+    to_helper: std::io::PipeWriter,
     hasher: Sha256,
     bytes: u64,
     wire_bytes: u64,
     wire: Wire,
-    progress: &'a indicatif::ProgressBar,
+    progress: indicatif::ProgressBar,
 }
 
-impl Sender<'_> {
-    async fn send(&mut self, data: &[u8]) -> std::io::Result<()> {
-        if data.is_empty() {
-            return Ok(());
+/// What went through: a write error means the helper's end went away (its own error says
+/// why); a read error from tar is the whole result's error.
+struct Pumped {
+    bytes: u64,
+    wire_bytes: u64,
+    sha256: String,
+    cut: Option<std::io::Error>,
+}
+
+impl Pump {
+    fn run(mut self, first: Vec<u8>) -> std::io::Result<Pumped> {
+        let mut cut = self.send(&first).err();
+        drop(first);
+        if cut.is_none() {
+            cut = match self.wire {
+                Wire::Plain => self.forward()?,
+                Wire::Zstd => self.copy()?,
+            };
         }
-        self.hasher.update(data);
-        self.bytes += data.len() as u64;
-        self.progress.inc(data.len() as u64);
-        match self.wire {
-            Wire::Plain => {
-                self.wire_bytes += data.len() as u64;
-                self.to_helper.write_all(data).await
+        Ok(Pumped {
+            bytes: self.bytes,
+            wire_bytes: self.wire_bytes,
+            sha256: hex::encode(self.hasher.finalize()),
+            cut,
+        })
+    }
+
+    /// Plain wire: tar's pages go on to ssh's pipe without being copied here (splice); a
+    /// duplicate of each chunk (tee, which shares the pages) is read back to hash it. Whole
+    /// pages, because tar writes whole 1 MiB records.
+    fn forward(&mut self) -> std::io::Result<Option<std::io::Error>> {
+        let (mut copies, copies_in) = std::io::pipe()?;
+        super::widen_pipe(&copies_in);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            // SAFETY: tee and splice take descriptors this thread owns and no memory.
+            let teed = retry(|| unsafe {
+                libc::tee(
+                    self.from_tar.as_raw_fd(),
+                    copies_in.as_raw_fd(),
+                    buf.len(),
+                    0,
+                )
+            })?;
+            if teed == 0 {
+                return Ok(None);
             }
-            Wire::Zstd => {
-                let frame = wire::compress(data)?;
-                self.wire_bytes += frame.len() as u64;
-                self.to_helper.write_all(&frame).await
+            let mut left = teed;
+            while left > 0 {
+                let moved = retry(|| unsafe {
+                    libc::splice(
+                        self.from_tar.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        self.to_helper.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        left,
+                        libc::SPLICE_F_MOVE,
+                    )
+                });
+                match moved {
+                    Ok(0) => return Ok(Some(std::io::ErrorKind::WriteZero.into())),
+                    Ok(n) => left -= n,
+                    Err(e) => return Ok(Some(e)),
+                }
+            }
+            copies.read_exact(&mut buf[..teed])?;
+            self.count(&buf[..teed], teed);
+        }
+    }
+
+    /// Zstd wire: every chunk is read here and compressed into its own frame.
+    fn copy(&mut self) -> std::io::Result<Option<std::io::Error>> {
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = fill(&mut self.from_tar, &mut buf)?;
+            if n == 0 {
+                return Ok(None);
+            }
+            if let Err(e) = self.send(&buf[..n]) {
+                return Ok(Some(e));
             }
         }
     }
+
+    fn count(&mut self, data: &[u8], wire_bytes: usize) {
+        self.hasher.update(data);
+        self.bytes += data.len() as u64;
+        self.wire_bytes += wire_bytes as u64;
+        self.progress.inc(data.len() as u64);
+    }
+
+    fn send(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let frame;
+        let wire = match self.wire {
+            Wire::Plain => data,
+            Wire::Zstd => {
+                frame = wire::compress(data)?;
+                &frame
+            }
+        };
+        self.count(data, wire.len());
+        self.to_helper.write_all(wire)
+    }
+}
+
+/// A tee or splice call, repeated when a signal interrupts it; the count it moved.
+fn retry(mut call: impl FnMut() -> libc::ssize_t) -> std::io::Result<usize> {
+    loop {
+        let n = call();
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Reads until `buf` is full or the stream ends; the count read.
+fn fill(from: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match from.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(got) => n += got,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs a pump from a pipe fed with `first` + `rest` (in odd-sized writes) into a pipe
+    /// read to the end; what it reported and what came out.
+    fn pump(wire: Wire, first: &[u8], rest: &[u8], read_out: bool) -> (Pumped, Vec<u8>) {
+        let (from_tar, mut tar_out) = std::io::pipe().unwrap();
+        let (mut helper_in, to_helper) = std::io::pipe().unwrap();
+        let rest = rest.to_vec();
+        let feeder = std::thread::spawn(move || {
+            for chunk in rest.chunks(10_240 * 3 + 17) {
+                if tar_out.write_all(chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        let reader = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            if read_out {
+                helper_in.read_to_end(&mut out).unwrap();
+            }
+            out
+        });
+        let pump = Pump {
+            from_tar,
+            to_helper,
+            hasher: Sha256::new(),
+            bytes: 0,
+            wire_bytes: 0,
+            wire,
+            progress: indicatif::ProgressBar::hidden(),
+        };
+        let pumped = pump.run(first.to_vec()).unwrap();
+        feeder.join().unwrap();
+        (pumped, reader.join().unwrap())
+    }
+
+    fn data() -> (Vec<u8>, Vec<u8>) {
+        let first: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let rest: Vec<u8> = (0..3_500_000u32).map(|i| (i * 7 % 253) as u8).collect();
+        (first, rest)
+    }
+
+    #[test]
+    fn plain_pump_forwards_and_hashes_every_byte_in_order() {
+        let (first, rest) = data();
+        let (pumped, out) = pump(Wire::Plain, &first, &rest, true);
+        let whole = [first, rest].concat();
+        assert!(pumped.cut.is_none());
+        assert_eq!(out, whole);
+        assert_eq!(pumped.bytes, whole.len() as u64);
+        assert_eq!(pumped.wire_bytes, whole.len() as u64);
+        assert_eq!(pumped.sha256, hex::encode(Sha256::digest(&whole)));
+    }
+
+    #[test]
+    fn zstd_pump_sends_frames_of_the_same_bytes() {
+        let (first, rest) = data();
+        let (pumped, out) = pump(Wire::Zstd, &first, &rest, true);
+        let whole = [first, rest].concat();
+        assert!(pumped.cut.is_none());
+        assert_eq!(zstd::decode_all(&out[..]).unwrap(), whole);
+        assert_eq!(pumped.wire_bytes, out.len() as u64);
+        assert!(pumped.wire_bytes < pumped.bytes);
+        assert_eq!(pumped.sha256, hex::encode(Sha256::digest(&whole)));
+    }
+
+    #[test]
+    fn pump_stops_when_the_helper_goes_away() {
+        let (first, rest) = data();
+        for wire in [Wire::Plain, Wire::Zstd] {
+            let (pumped, _) = pump(wire, &first, &rest, false);
+            assert!(pumped.cut.is_some(), "{wire:?}");
+        }
+    }
 
     #[test]
     fn tar_excludes_pseudo_mount_contents_literally() {
