@@ -263,12 +263,13 @@ def nsexec(init_pid, script, check=True):
 
 def loop_attach(ledger, vfile):
     ledger.add("loop", file=vfile)
+    dev = run(["losetup", "-f", "--show", vfile]).stdout.strip()
+    ledger.add("loop", file=vfile, dev=dev)
     # Direct I/O: the loop device hands its writes to the backing file's disk without copying
     # them into that file's page cache first, so a volume costs the host what an EBS volume
     # costs an instance (the block layer), not a second copy of every byte (~1.9 core-s per GiB
-    # here). losetup falls back to buffered I/O where the backing filesystem cannot do it.
-    dev = run(["losetup", "-f", "--show", "--direct-io=on", vfile]).stdout.strip()
-    ledger.add("loop", file=vfile, dev=dev)
+    # here). Best effort: where the backing filesystem cannot, the device stays buffered.
+    run(["losetup", "--direct-io=on", dev], check=False)
     return dev
 
 

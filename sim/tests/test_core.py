@@ -143,9 +143,15 @@ def test_nitro_device_and_write_lands_in_file(sim, nitro):
     r = sim.ssh(nitro, f"sudo test -b /dev/nvme1n1 && readlink -f {link} && "
                 "echo hello-ec2sim | sudo dd of=/dev/nvme1n1 bs=512 seek=8 conv=fsync status=none")
     assert r.stdout.strip() == "/dev/nvme1n1"
-    with open(sim.run("volume-file", vid).strip(), "rb") as f:
+    vfile = sim.run("volume-file", vid).strip()
+    with open(vfile, "rb") as f:
         f.seek(8 * 512)
         assert f.read(12) == b"hello-ec2sim"
+    # Like EBS: 512-byte sectors, and no second copy of what is written in the host's page
+    # cache (the loop device uses direct I/O on its backing file).
+    loop = subprocess.run(["losetup", "-n", "-O", "DIO,LOG-SEC", "-j", vfile],
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert loop == ["1", "512"]
     sim.ec2.detach_volume(VolumeId=vid, InstanceId=nitro["InstanceId"])
     sim.wait_volume(vid, "available")
     assert sim.ssh(nitro, "test -e /dev/nvme1n1", check=False).returncode == 1
