@@ -4,6 +4,8 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use tokio::sync::{watch, Notify};
+
 use super::{Cloud, CloudError, CloudResult, Instance, Volume};
 
 /// What one poll says.
@@ -14,7 +16,21 @@ pub enum Poll<T> {
 
 /// Polls `check` until it is ready, it fails, or `limit` passes (then the error says what was
 /// awaited and the last state seen).
-pub async fn until<T, F, Fut>(what: &'static str, limit: Duration, mut check: F) -> CloudResult<T>
+pub async fn until<T, F, Fut>(what: &'static str, limit: Duration, check: F) -> CloudResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = CloudResult<Poll<T>>>,
+{
+    until_poked(what, limit, &Notify::new(), check).await
+}
+
+/// [`until`], polling again at once whenever `poke` is notified.
+async fn until_poked<T, F, Fut>(
+    what: &'static str,
+    limit: Duration,
+    poke: &Notify,
+    mut check: F,
+) -> CloudResult<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = CloudResult<Poll<T>>>,
@@ -33,7 +49,10 @@ where
                 }
             }
         }
-        tokio::time::sleep(interval).await;
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = poke.notified() => {}
+        }
         // Tight at first (the simulator and a fast EC2 answer within a second), then capped
         // low: a state reached is noticed within half a second. About ten Describe calls in
         // the first two seconds, two a second after: far below EC2's request rate limits.
@@ -41,67 +60,94 @@ where
     }
 }
 
-pub async fn instance_running<C: Cloud>(
-    cloud: &C,
-    id: &str,
-    limit: Duration,
-) -> CloudResult<Instance> {
-    instance_until(
-        cloud,
-        id,
-        "Waiting for the helper instance to start",
-        limit,
-        |i| (i.state == "running" && i.address.is_some()).then(|| i.clone()),
-    )
-    .await
+/// One poll of a starting instance, shared by everything that waits on it (its address for
+/// ssh, its running state for the attach): one Describe call at a time however many wait.
+pub struct InstanceWatch {
+    seen: watch::Sender<Option<Instance>>,
+    poke: Notify,
 }
 
-/// Waits until the helper has the address it will keep: as soon as a public one is known,
-/// which is often while the instance is still pending (ssh can then be tried while it
-/// boots), or else once it is running. Returns that address.
-pub async fn instance_address<C: Cloud>(
-    cloud: &C,
-    id: &str,
-    limit: Duration,
-) -> CloudResult<String> {
-    instance_until(
-        cloud,
-        id,
-        "Waiting for the helper instance's address",
-        limit,
-        |i| {
-            let kept = i.state == "running" || (i.state == "pending" && i.public_address);
-            i.address.clone().filter(|_| kept)
-        },
-    )
-    .await
-}
-
-/// Polls a starting instance until `ready` gives a value; an instance that is neither
-/// pending nor running (it will never start) is an error.
-async fn instance_until<C: Cloud, T>(
-    cloud: &C,
-    id: &str,
-    what: &'static str,
-    limit: Duration,
-    ready: impl Fn(&Instance) -> Option<T>,
-) -> CloudResult<T> {
-    until(what, limit, || async {
-        match cloud.describe_instance(id).await? {
-            Some(i) => match ready(&i) {
-                Some(v) => Ok(Poll::Ready(v)),
-                None if matches!(i.state.as_str(), "pending" | "running") => {
-                    Ok(Poll::Pending(i.state))
-                }
-                None => Err(CloudError::new(
-                    "Waiting for the helper instance to start",
-                    format!("the instance {id} is {} instead of running", i.state),
-                )),
-            },
-            None => Ok(Poll::Pending("not visible yet".into())),
+impl Default for InstanceWatch {
+    fn default() -> Self {
+        InstanceWatch {
+            seen: watch::Sender::new(None),
+            poke: Notify::new(),
         }
-    })
-    .await
+    }
+}
+
+impl InstanceWatch {
+    /// A waiter: [`Waiter::running`] or [`Waiter::address`] on it. The poll goes on while
+    /// any waiter is left.
+    pub fn waiter(&self) -> Waiter {
+        Waiter(self.seen.subscribe())
+    }
+
+    /// Polls at once instead of after the pause the poll has grown to (someone knows the
+    /// instance has just changed).
+    pub fn poke(&self) {
+        self.poke.notify_one();
+    }
+
+    /// Describes the instance until every waiter is done, publishing what it sees. Fails
+    /// if the instance will never start (neither pending nor running) or `limit` passes.
+    pub async fn poll<C: Cloud>(&self, cloud: &C, id: &str, limit: Duration) -> CloudResult<()> {
+        let what = "Waiting for the helper instance to start";
+        let polls = until_poked(what, limit, &self.poke, || async {
+            if self.seen.is_closed() {
+                return Ok(Poll::Ready(()));
+            }
+            let Some(i) = cloud.describe_instance(id).await? else {
+                return Ok(Poll::Pending("not visible yet".into()));
+            };
+            if !matches!(i.state.as_str(), "pending" | "running") {
+                return Err(CloudError::new(
+                    what,
+                    format!("the instance {id} is {} instead of running", i.state),
+                ));
+            }
+            let state = i.state.clone();
+            self.seen.send_replace(Some(i));
+            Ok(Poll::Pending(state))
+        });
+        tokio::select! {
+            r = polls => r,
+            () = self.seen.closed() => Ok(()),
+        }
+    }
+}
+
+/// Something waiting on an [`InstanceWatch`]; dropping it (done) lets the poll stop.
+pub struct Waiter(watch::Receiver<Option<Instance>>);
+
+impl Waiter {
+    /// Waits until the instance is running with an address; returns it as then described.
+    pub async fn running(mut self) -> Instance {
+        self.until(|i| i.state == "running" && i.address.is_some())
+            .await
+    }
+
+    /// Waits until the helper has the address it will keep: as soon as a public one is
+    /// known, which is often while the instance is still pending (ssh can then be tried
+    /// while it boots), or else once it is running. Returns that address.
+    pub async fn address(mut self) -> String {
+        let i = self
+            .until(|i| i.state == "running" || (i.state == "pending" && i.public_address))
+            .await;
+        i.address.unwrap_or_default()
+    }
+
+    async fn until(&mut self, ready: impl Fn(&Instance) -> bool) -> Instance {
+        let wanted = |seen: &Option<Instance>| {
+            seen.as_ref()
+                .is_some_and(|i| i.address.is_some() && ready(i))
+        };
+        match self.0.wait_for(wanted).await {
+            Ok(seen) => seen.clone().expect("checked by wait_for"),
+            // The watch outlives its waiters; its poll's failure ends the wait instead.
+            Err(_) => std::future::pending().await,
+        }
+    }
 }
 
 /// Waits until the volume is in `state` (with `attached` meaning attached to `instance`).

@@ -160,22 +160,19 @@ impl Job {
             wait::volume_state(cloud, &id, "available", None, STATE_LIMIT).await?;
             Ok::<_, Error>((id, plan.new_volume_gib))
         };
-        // Once ssh gets in, the instance is up: look at its state again at once rather than
-        // after the long pause its poll has grown to.
-        let ssh_up = tokio::sync::Notify::new();
-        let running = async {
-            let instance = tokio::select! {
-                i = wait::instance_running(cloud, instance_id, STATE_LIMIT) => i?,
-                i = async {
-                    ssh_up.notified().await;
-                    wait::instance_running(cloud, instance_id, STATE_LIMIT).await
-                } => i?,
-            };
-            report.step(&format!(
-                "{instance_id} is running at {}",
-                instance.address.unwrap_or_default()
-            ));
-            Ok::<_, Error>(())
+        // One poll of the instance serves both waits; once ssh gets in, the instance is up,
+        // so it looks again at once rather than after the pause the poll has grown to.
+        let instance = wait::InstanceWatch::default();
+        let running = {
+            let waiter = instance.waiter();
+            async move {
+                let described = waiter.running().await;
+                report.step(&format!(
+                    "{instance_id} is running at {}",
+                    described.address.unwrap_or_default()
+                ));
+                Ok::<_, Error>(())
+            }
         };
         let attached = async {
             let ((volume_id, size_gib), ()) = tokio::try_join!(volume, running)?;
@@ -199,8 +196,9 @@ impl Job {
             .await?;
             Ok::<_, Error>((volume_id, size_gib))
         };
+        let address = instance.waiter();
         let connected = async {
-            let host = wait::instance_address(cloud, instance_id, STATE_LIMIT).await?;
+            let host = address.address().await;
             let mut session = Session::new(
                 &host,
                 LOGIN_USER,
@@ -210,10 +208,13 @@ impl Job {
                 host_public,
             )?;
             session.connect(self.options.boot_timeout).await?;
-            ssh_up.notify_one();
+            instance.poke();
             Ok::<_, Error>(session)
         };
-        let ((volume_id, size_gib), session) = tokio::try_join!(attached, connected)?;
+        // The waiters exist before the poll starts: it goes on while any is left.
+        let polled =
+            async { Ok::<_, Error>(instance.poll(cloud, instance_id, STATE_LIMIT).await?) };
+        let ((), (volume_id, size_gib), session) = tokio::try_join!(polled, attached, connected)?;
         *self.ssh.lock().await = Some(session);
         Ok((volume_id, size_gib))
     }
