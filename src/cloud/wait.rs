@@ -24,7 +24,7 @@ where
     until_poked(what, limit, &Notify::new(), check).await
 }
 
-/// [`until`], polling again at once whenever `poke` is notified.
+/// [`until`], polling again at once, then tightly, whenever `poke` is notified.
 async fn until_poked<T, F, Fut>(
     what: &'static str,
     limit: Duration,
@@ -49,14 +49,19 @@ where
                 }
             }
         }
-        tokio::select! {
-            () = tokio::time::sleep(interval) => {}
-            () = poke.notified() => {}
-        }
+        let poked = tokio::select! {
+            () = tokio::time::sleep(interval) => false,
+            () = poke.notified() => true,
+        };
         // Tight at first (the simulator and a fast EC2 answer within a second), then capped
         // low: a state reached is noticed within half a second. About ten Describe calls in
         // the first two seconds, two a second after: far below EC2's request rate limits.
-        interval = (interval * 4 / 3).min(Duration::from_millis(500));
+        // A poke starts the tight polls over: the change it announces may take EC2 a
+        // moment to report.
+        interval = match poked {
+            true => Duration::from_millis(50),
+            false => (interval * 4 / 3).min(Duration::from_millis(500)),
+        };
     }
 }
 
@@ -83,8 +88,8 @@ impl InstanceWatch {
         Waiter(self.seen.subscribe())
     }
 
-    /// Polls at once instead of after the pause the poll has grown to (someone knows the
-    /// instance has just changed).
+    /// Polls at once, and tightly for a while, instead of after the pause the poll has
+    /// grown to (someone knows the instance has just changed).
     pub fn poke(&self) {
         self.poke.notify_one();
     }
