@@ -3,7 +3,6 @@ loop devices and the device nodes the instance sees. No moto in here."""
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 
@@ -222,21 +221,6 @@ def descendants(pid):
             out.append(c)
             todo.append(c)
     return out
-
-
-def wait_ssh(addr, timeout, should_stop=lambda: False):
-    """True once something on addr:22 sends an SSH banner."""
-    end = time.time() + timeout
-    while time.time() < end and not should_stop():
-        try:
-            with socket.create_connection((addr, 22), timeout=0.5) as s:
-                s.settimeout(1)
-                if s.recv(4).startswith(b"SSH-"):
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.02)
-    return False
 
 
 def kill_tree(pids):

@@ -107,13 +107,21 @@ class Sim:
         return path
 
     def ssh(self, inst, cmd, key=None, check=True, timeout=30, known=None):
+        """Runs cmd on the instance; a refused connection is retried for 10 s (a running
+        instance's sshd answers a moment after `running`, as on EC2)."""
         addr = inst["PublicIpAddress"]
         known = known or self.known_hosts(inst["InstanceId"], addr)
-        r = subprocess.run(
-            ["ssh", "-i", key or self.key, "-o", f"UserKnownHostsFile={known}",
-             "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
-             "-o", "ConnectTimeout=5", f"ec2-user@{addr}", cmd],
-            capture_output=True, text=True, timeout=timeout)
+        refused_until = time.time() + 10
+        while True:
+            r = subprocess.run(
+                ["ssh", "-i", key or self.key, "-o", f"UserKnownHostsFile={known}",
+                 "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
+                 "-o", "ConnectTimeout=5", f"ec2-user@{addr}", cmd],
+                capture_output=True, text=True, timeout=timeout)
+            if r.returncode != 255 or "Connection refused" not in r.stderr \
+                    or time.time() > refused_until:
+                break
+            time.sleep(0.1)
         if check:
             assert r.returncode == 0, f"ssh {cmd!r}: {r.returncode} {r.stderr}"
         return r

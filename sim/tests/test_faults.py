@@ -104,6 +104,7 @@ def test_link_shaping(sim):
 def test_kill_sessions(sim):
     inst = sim.launch("t3.nano")
     known = sim.known_hosts(inst["InstanceId"], inst["PublicIpAddress"])
+    sim.ssh(inst, "true", known=known)  # sshd answers a moment after `running`
     p = subprocess.Popen(["ssh", "-i", sim.key, "-o", f"UserKnownHostsFile={known}",
                           "-o", "BatchMode=yes", f"ec2-user@{inst['PublicIpAddress']}",
                           "sleep 30"])
