@@ -184,15 +184,7 @@ pub async fn backup(
             program: "ssh",
             source: e,
         })?;
-    let pump = Pump {
-        from_tar,
-        to_helper,
-        hasher: Sha256::new(),
-        bytes: 0,
-        wire_bytes: 0,
-        wire,
-        progress: progress.clone(),
-    };
+    let pump = Pump::new(from_tar, to_helper, wire, progress.clone());
     let (done, pumped) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("ec2-backup-stream".into())
@@ -342,6 +334,23 @@ enum Stop {
 }
 
 impl Pump {
+    fn new(
+        from_tar: std::io::PipeReader,
+        to_helper: std::io::PipeWriter,
+        wire: Wire,
+        progress: indicatif::ProgressBar,
+    ) -> Self {
+        Pump {
+            from_tar,
+            to_helper,
+            hasher: Sha256::new(),
+            bytes: 0,
+            wire_bytes: 0,
+            wire,
+            progress,
+        }
+    }
+
     fn run(mut self, first: Vec<u8>) -> Result<Pumped, String> {
         let sent = self.send(&first).and_then(|()| match self.wire {
             Wire::Plain => self.forward(),
@@ -503,15 +512,7 @@ mod tests {
                 out
             })
         });
-        let pump = Pump {
-            from_tar,
-            to_helper,
-            hasher: Sha256::new(),
-            bytes: 0,
-            wire_bytes: 0,
-            wire,
-            progress: indicatif::ProgressBar::hidden(),
-        };
+        let pump = Pump::new(from_tar, to_helper, wire, indicatif::ProgressBar::hidden());
         let pumped = pump.run(first.to_vec()).unwrap();
         feeder.join().unwrap();
         (
