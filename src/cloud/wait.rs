@@ -99,9 +99,6 @@ impl InstanceWatch {
     pub async fn poll<C: Cloud>(&self, cloud: &C, id: &str, limit: Duration) -> CloudResult<()> {
         let what = "Waiting for the helper instance to start";
         let polls = until_poked(what, limit, &self.poke, || async {
-            if self.seen.is_closed() {
-                return Ok(Poll::Ready(()));
-            }
             let Some(i) = cloud.describe_instance(id).await? else {
                 return Ok(Poll::Pending("not visible yet".into()));
             };
@@ -128,8 +125,7 @@ pub struct Waiter(watch::Receiver<Option<Instance>>);
 impl Waiter {
     /// Waits until the instance is running with an address; returns it as then described.
     pub async fn running(mut self) -> Instance {
-        self.until(|i| i.state == "running" && i.address.is_some())
-            .await
+        self.until(|i| i.state == "running").await
     }
 
     /// Waits until the helper has the address it will keep: as soon as a public one is
@@ -142,6 +138,7 @@ impl Waiter {
         i.address.unwrap_or_default()
     }
 
+    /// Waits until the instance has an address and `ready` holds.
     async fn until(&mut self, ready: impl Fn(&Instance) -> bool) -> Instance {
         let wanted = |seen: &Option<Instance>| {
             seen.as_ref()

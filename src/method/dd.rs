@@ -144,7 +144,8 @@ pub async fn backup(
         read.map(|_| (from_tar, sample))
     })
     .await
-    .map_err(|e| MethodError::Failed(format!("reading from tar failed: {e}")))?
+    .map_err(std::io::Error::other)
+    .and_then(|read| read)
     .map_err(|e| MethodError::Failed(format!("reading from tar failed: {e}")))?;
     let wire = if sample.len() == SAMPLE {
         let measured = wire::measure(&sample);
@@ -221,7 +222,7 @@ pub async fn backup(
             "sending the archive to the helper failed: {e}"
         )));
     }
-    if !out.status.success() || cut.is_some() {
+    if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let _ = tar.kill().await;
         match out.status.code() {
