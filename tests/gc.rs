@@ -21,8 +21,8 @@ fn gc_removes_what_a_killed_run_left_and_nothing_else() {
     };
 
     // A run killed mid-transfer (a slow link keeps it there).
-    let _faults = Faults;
-    ec2sim(&["fault", "link", "16"]);
+    let faults = Faults::new();
+    faults.set(&["link", "16"]);
     let d = scratch();
     fs::write(d.path().join("big"), common::tree::noise(24 << 20, 5)).unwrap();
     let mut child = ec2_backup()

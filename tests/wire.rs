@@ -22,8 +22,8 @@ fn restored_matches(vol: &str, src: &std::path::Path) {
 
 #[test]
 fn slow_link_compresses_text_but_not_noise() {
-    let _faults = Faults;
-    ec2sim(&["fault", "link", "50"]);
+    let faults = Faults::new();
+    faults.set(&["link", "50"]);
 
     let text = scratch();
     let line = b"pub fn backup(dir: &Path) -> Result<VolumeId, Error> { todo!() } // comment\n";

@@ -267,12 +267,12 @@ pub fn ensure_key_pair() {
 }
 
 /// The simulator's fault switches, cleared now and again when dropped (even by a panic).
-pub struct Faults;
+pub struct Faults(());
 
 impl Faults {
     pub fn new() -> Faults {
         ec2sim(&["fault", "clear"]);
-        Faults
+        Faults(())
     }
 
     /// `scripts/ec2sim fault ARGS`.
