@@ -39,7 +39,7 @@ Exit status: 0 done; 1 failed (cleaned up); 2 bad input (nothing created);
     name = "ec2-backup",
     version,
     about = "Back up a directory into an Amazon EBS volume",
-    override_usage = "ec2-backup [-h] [-m method] [-v volume-id] [--json] [--dry-run] dir\n       ec2-backup gc [--yes] [--older-than HOURS]",
+    override_usage = "ec2-backup [-h] [-m method] [-v volume-id [--overwrite]] [--json] [--dry-run] dir\n       ec2-backup gc [--yes] [--older-than HOURS]",
     long_about = ABOUT,
     after_help = AFTER,
     disable_version_flag = true
@@ -61,6 +61,12 @@ pub struct Cli {
     /// Show what would be created and roughly what it costs; create nothing
     #[arg(long)]
     pub dry_run: bool,
+
+    /// With -v: write the volume even though it holds something ec2-backup did not write
+    /// there (a filesystem of your own, a partition table, unknown data, a backup of the
+    /// other method). What it holds is destroyed.
+    #[arg(long, requires = "volume")]
+    pub overwrite: bool,
 
     /// The directory to back up
     #[arg(value_name = "dir")]

@@ -16,11 +16,9 @@ use crate::ledger::{Ledger, Resource};
 use crate::report::Reporter;
 use crate::tags::hostname;
 
-pub const RUN_TAG: &str = "ec2-backup:run";
-/// Set only on volumes a run created, so that `gc` can never take a user's volume.
-pub const CREATED_VOLUME_TAG: &str = "ec2-backup:created-volume";
-/// Set when a run is done with a volume (complete or not): from then on it is a backup.
-pub const FINISHED_TAG: &str = "ec2-backup:finished";
+use crate::tags::key::{
+    CREATED_VOLUME as CREATED_VOLUME_TAG, FINISHED as FINISHED_TAG, RUN as RUN_TAG,
+};
 
 pub struct GcOptions {
     pub yes: bool,
@@ -106,7 +104,9 @@ pub async fn gc(options: &GcOptions) -> Result<GcReport, Error> {
 pub fn unfinished_volume(tags: &BTreeMap<String, String>) -> bool {
     tags.get(CREATED_VOLUME_TAG).is_some_and(|x| x == "true")
         && !tags.contains_key(FINISHED_TAG)
-        && tags.get("ec2-backup:completed").is_none_or(|x| x != "true")
+        && tags
+            .get(crate::tags::key::COMPLETED)
+            .is_none_or(|x| x != "true")
 }
 
 /// Why a run's resource counts as abandoned, or None while its run may still be going.
@@ -119,11 +119,11 @@ pub fn abandoned(
 ) -> Option<String> {
     let run = tags.get(RUN_TAG).map(String::as_str).unwrap_or("?");
     let host = tags
-        .get("ec2-backup:host")
+        .get(crate::tags::key::HOST)
         .map(String::as_str)
         .unwrap_or("");
     let pid = tags
-        .get("ec2-backup:pid")
+        .get(crate::tags::key::PID)
         .and_then(|p| p.parse::<u32>().ok());
     if host == here {
         if let Some(pid) = pid {
@@ -132,7 +132,7 @@ pub fn abandoned(
         }
     }
     let created = tags
-        .get("ec2-backup:created")
+        .get(crate::tags::key::CREATED)
         .and_then(|c| chrono::DateTime::parse_from_rfc3339(c).ok())?;
     let age = now.signed_duration_since(created).to_std().ok()?;
     (age > older_than).then(|| {
@@ -171,10 +171,10 @@ mod tests {
         let now = chrono::Utc::now();
         let t = tags(&[
             (RUN_TAG, "r1"),
-            ("ec2-backup:host", "me"),
-            ("ec2-backup:pid", "42"),
+            (crate::tags::key::HOST, "me"),
+            (crate::tags::key::PID, "42"),
             (
-                "ec2-backup:created",
+                crate::tags::key::CREATED,
                 &now.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
             ),
         ]);
@@ -189,11 +189,11 @@ mod tests {
         let made = (CREATED_VOLUME_TAG, "true");
         assert!(unfinished_volume(&tags(&[
             made,
-            ("ec2-backup:completed", "false")
+            (crate::tags::key::COMPLETED, "false")
         ])));
         assert!(!unfinished_volume(&tags(&[
             made,
-            ("ec2-backup:completed", "true")
+            (crate::tags::key::COMPLETED, "true")
         ])));
         assert!(!unfinished_volume(&tags(&[
             made,
@@ -201,7 +201,7 @@ mod tests {
         ])));
         // A user's volume (-v) never carries the created-volume tag.
         assert!(!unfinished_volume(&tags(&[(
-            "ec2-backup:completed",
+            crate::tags::key::COMPLETED,
             "false"
         )])));
     }
@@ -219,9 +219,9 @@ mod tests {
         let t = |c: &str| {
             tags(&[
                 (RUN_TAG, "r"),
-                ("ec2-backup:host", "other"),
-                ("ec2-backup:pid", "1"),
-                ("ec2-backup:created", c),
+                (crate::tags::key::HOST, "other"),
+                (crate::tags::key::PID, "1"),
+                (crate::tags::key::CREATED, c),
             ])
         };
         assert!(abandoned(&t(&fresh), "me", now, day, |_| false).is_none());

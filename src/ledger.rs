@@ -3,7 +3,6 @@
 //! (its volume, the key pair) and unwinds the rest the same way, so there is one teardown.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,11 +14,6 @@ use crate::ssh::Session;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resource {
-    /// A key pair this run created or imported, and the private key file it saved.
-    KeyPair {
-        name: String,
-        file: Option<PathBuf>,
-    },
     Instance(String),
     /// A volume this run created (deleted on failure). A user's volume is never recorded.
     Volume(String),
@@ -37,7 +31,6 @@ impl Resource {
     /// The resource as a user reads it: "the helper instance i-…".
     pub fn describe(&self) -> String {
         match self {
-            Resource::KeyPair { name, .. } => format!("the key pair {name}"),
             Resource::Instance(id) => format!("the helper instance {id}"),
             Resource::Volume(id) => format!("the volume {id}"),
             Resource::Attachment { volume, instance } => {
@@ -125,7 +118,6 @@ impl Ledger {
             Resource::Instance(_) => 2,
             Resource::Volume(_) => 3,
             Resource::SecurityGroup(_) => 4,
-            Resource::KeyPair { .. } => 5,
         });
         // Volumes and security groups can only go once the instance is gone.
         let wait_for_termination = items
@@ -204,16 +196,6 @@ impl Ledger {
                             "the security group {id} could not be deleted ({e})"
                         ));
                         continue;
-                    }
-                }
-                Resource::KeyPair { name, file } => {
-                    report.step(&format!("deleting the key pair {name} this run created"));
-                    if let Err(e) = cloud.delete_key_pair(name).await {
-                        left.push(format!("the key pair {name} could not be deleted ({e})"));
-                        continue;
-                    }
-                    if let Some(f) = file {
-                        let _ = std::fs::remove_file(f);
                     }
                 }
             }

@@ -18,6 +18,7 @@ pub mod method;
 pub mod output;
 pub mod plan;
 pub mod prepare;
+pub mod probe;
 pub mod quote;
 pub mod report;
 pub mod run;

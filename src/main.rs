@@ -58,13 +58,22 @@ fn main() -> ExitCode {
                 );
             }
             if outcome.transfer.incomplete {
-                return fail(
-                    &format!(
+                let what = match outcome.transfer.changed.first() {
+                    Some(first) => format!(
+                        "{} changed while it was read{} and its copy may be torn (named above); the backup is marked incomplete, everything else is on {}",
+                        first.display(),
+                        match outcome.transfer.changed.len() {
+                            1 => String::new(),
+                            n => format!(" (with {} more files)", n - 1),
+                        },
+                        outcome.volume_id
+                    ),
+                    None => format!(
                         "some files could not be read (named above); everything else is on {}",
                         outcome.volume_id
                     ),
-                    exit::INCOMPLETE,
-                );
+                };
+                return fail(&what, exit::INCOMPLETE);
             }
             ExitCode::SUCCESS
         }

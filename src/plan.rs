@@ -37,8 +37,11 @@ pub struct Inventory {
     /// Bytes of file data, sparse holes and repeated hard links left out.
     pub data_bytes: u64,
     /// A conservative estimate of the space the backup takes on the volume, in either
-    /// format: data rounded up to 4 KiB blocks plus 1 KiB of metadata per entry.
+    /// format: data rounded up to 4 KiB blocks, plus 4 KiB per directory (an ext4 directory
+    /// block) and 2 KiB per other entry (a pax archive's header pair is 1.5 KiB).
     pub footprint: u64,
+    /// The largest regular file (rsync writes a changed file's new copy beside the old one).
+    pub largest: u64,
     /// Paths (relative to the directory, `/`-separated) of pseudo-filesystem mount points
     /// whose contents are not backed up.
     pub pseudo_mounts: Vec<String>,
@@ -72,6 +75,10 @@ const PSEUDO_FS: &[&str] = &[
     "rpc_pipefs",
     "selinuxfs",
 ];
+
+/// What an entry costs on the volume besides its data (see [`Inventory::footprint`]).
+const DIR_COST: u64 = 4096;
+const ENTRY_COST: u64 = 2048;
 
 /// Checks that `dir` is a readable directory and returns its canonical path.
 pub fn check_dir(dir: &Path) -> Result<PathBuf, PlanError> {
@@ -138,7 +145,7 @@ pub fn inventory(root: &Path) -> Inventory {
     });
     let mut inv = Inventory {
         entries: 1,
-        footprint: 1024,
+        footprint: DIR_COST,
         ..Inventory::default()
     };
     let mut links: HashMap<(u64, u64), u64> = HashMap::new();
@@ -146,6 +153,7 @@ pub fn inventory(root: &Path) -> Inventory {
         inv.entries += part.inv.entries;
         inv.footprint += part.inv.footprint;
         inv.data_bytes += part.inv.data_bytes;
+        inv.largest = inv.largest.max(part.inv.largest);
         inv.pseudo_mounts.extend(part.inv.pseudo_mounts);
         inv.unreadable.extend(part.inv.unreadable);
         links.extend(part.links);
@@ -237,7 +245,7 @@ fn read_one(
             continue;
         };
         inv.entries += 1;
-        inv.footprint += 1024;
+        inv.footprint += if kind.is_dir() { DIR_COST } else { ENTRY_COST };
         if kind.is_dir() {
             let path = entry.path();
             if pseudo.contains(&path) {
@@ -251,6 +259,7 @@ fn read_one(
                 continue;
             };
             let used = (meta.blocks() * 512).min(meta.len());
+            inv.largest = inv.largest.max(used);
             if meta.nlink() > 1 {
                 part.links.push(((meta.dev(), meta.ino()), used));
             } else {
@@ -366,7 +375,9 @@ mod tests {
         let inv = inventory(&fs::canonicalize(root).unwrap());
         assert_eq!(inv.entries, 6);
         assert_eq!(inv.data_bytes, 10_000 + 5);
-        assert_eq!(inv.footprint, 6 * 1024 + 12_288 + 4096);
+        // Two directories (the root, sub), four other entries, data in 4 KiB blocks.
+        assert_eq!(inv.footprint, 2 * 4096 + 4 * 2048 + 12_288 + 4096);
+        assert_eq!(inv.largest, 10_000);
         assert!(inv.unreadable.is_empty());
     }
 

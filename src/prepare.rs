@@ -30,6 +30,8 @@ pub struct Options {
     pub boot_timeout: Duration,
     pub json: bool,
     pub dry_run: bool,
+    /// Write a `-v` volume whatever it holds.
+    pub overwrite: bool,
 }
 
 impl Options {
@@ -41,6 +43,7 @@ impl Options {
             dir,
             json,
             dry_run,
+            overwrite,
         } = cli;
         let method = method.as_str();
         let method = Method::parse(method).ok_or_else(|| {
@@ -83,6 +86,7 @@ impl Options {
             boot_timeout,
             json,
             dry_run,
+            overwrite,
         })
     }
 }
@@ -102,6 +106,8 @@ pub fn valid_volume_id(id: &str) -> bool {
 pub struct Plan {
     pub dir: PathBuf,
     pub inventory: Inventory,
+    /// The dd archive's exact length, measured when it must fit a `-v` volume.
+    pub archive_bytes: Option<u64>,
     /// The user's volume (`-v`), already checked.
     pub existing_volume: Option<Volume>,
     /// Size of the volume to create when there is no `-v`.
@@ -255,16 +261,32 @@ pub async fn decide<C: Cloud>(
         }
         Ok::<(Arch, String, RootDisk), CloudError>((arch, image, root))
     };
-    let (inventory, volume, subnet, network, arch_image, zones, key_exists) = tokio::join!(
-        take_inventory(&dir, report),
+    // A dd archive must fit a `-v` volume exactly; its length is measured after the walk
+    // (which finds the pseudo-filesystems the archive leaves out).
+    let measure = options.volume.is_some() && options.method == Method::Dd;
+    let sizing = async {
+        let inventory = take_inventory(&dir, report).await?;
+        if !measure {
+            return Ok::<_, Error>((inventory, None));
+        }
+        let source = crate::method::Source {
+            dir: dir.clone(),
+            skip_contents_of: inventory.pseudo_mounts.clone(),
+        };
+        let bytes = crate::method::dd::archive_size(&source).await?;
+        report.step(&format!("the archive will be {bytes} bytes"));
+        Ok((inventory, Some(bytes)))
+    };
+    let (sizing, volume, subnet, network, arch_image, zones, key_exists) = tokio::join!(
+        sizing,
         volume_lookup,
         subnet_lookup,
         network,
         arch_and_image,
         cloud.zones_for(&instance_type),
-        cloud.key_pair_exists(&key_name),
+        cloud.key_pair_tags(&key_name),
     );
-    let inventory = inventory?;
+    let (inventory, archive_bytes) = sizing?;
     let volume = volume.map_err(input)?;
     let (arch, image_id, root_disk) = arch_image.map_err(input)?;
     let zones = zones.map_err(input)?;
@@ -272,7 +294,9 @@ pub async fn decide<C: Cloud>(
         (Some(id), None) => Err(Error::Invalid(format!(
             "the volume {id} does not exist in {region}"
         )))?,
-        (Some(_), Some(Some(v))) => Some(check_volume(v, &inventory, options.method)?),
+        (Some(_), Some(Some(v))) => {
+            Some(check_volume(v, &inventory, archive_bytes, options.method)?)
+        }
         (Some(id), Some(None)) => Err(Error::Invalid(format!(
             "the volume {id} does not exist in {region}"
         )))?,
@@ -312,7 +336,7 @@ pub async fn decide<C: Cloud>(
     let key = keys::plan(
         &key_name,
         options.launch.key_name.is_some(),
-        key_exists.map_err(input)?,
+        key_exists.map_err(input)?.is_some(),
         &options.home,
         region,
     )?;
@@ -324,6 +348,7 @@ pub async fn decide<C: Cloud>(
         new_volume_gib: plan::volume_gib(inventory.footprint),
         dir,
         inventory,
+        archive_bytes,
         existing_volume,
         zone,
         instance_type,
@@ -347,8 +372,14 @@ pub fn input(e: CloudError) -> Error {
     }
 }
 
-/// A `-v` volume must be free and big enough.
-fn check_volume(v: Volume, inventory: &Inventory, method: Method) -> Result<Volume, Error> {
+/// A `-v` volume must be free and big enough: for dd, for the archive's measured length
+/// (`archive`); for rsync, roughly here, exactly once its filesystem is mounted.
+fn check_volume(
+    v: Volume,
+    inventory: &Inventory,
+    archive: Option<u64>,
+    method: Method,
+) -> Result<Volume, Error> {
     if v.state != "available" {
         let what = match v.state.as_str() {
             "in-use" => {
@@ -364,12 +395,19 @@ fn check_volume(v: Volume, inventory: &Inventory, method: Method) -> Result<Volu
         };
         return Err(Error::Invalid(format!("the volume {} {what}", v.id)));
     }
-    if !plan::fits(inventory.footprint, v.size_gib, method.uses_filesystem()) {
+    let (fits, needed) = match archive {
+        Some(bytes) => (crate::method::dd::archive_fits(bytes, v.size_gib), bytes),
+        None => (
+            plan::fits(inventory.footprint, v.size_gib, method.uses_filesystem()),
+            inventory.footprint,
+        ),
+    };
+    if !fits {
         return Err(Error::Invalid(format!(
             "the volume {} has {} GiB, too small for this directory (about {} MiB needed)",
             v.id,
             v.size_gib,
-            inventory.footprint.div_ceil(1 << 20)
+            needed.div_ceil(1 << 20)
         )));
     }
     Ok(v)
@@ -401,11 +439,17 @@ mod tests {
             size_gib: size,
             zone: "z".into(),
             attachments: vec![],
+            tags: Default::default(),
         };
-        assert!(check_volume(v("available", 4), &inv, Method::Dd).is_ok());
-        let e = check_volume(v("in-use", 4), &inv, Method::Dd).unwrap_err();
+        assert!(check_volume(v("available", 4), &inv, None, Method::Dd).is_ok());
+        let e = check_volume(v("in-use", 4), &inv, None, Method::Dd).unwrap_err();
         assert!(e.to_string().contains("in-use"), "{e}");
-        let e = check_volume(v("available", 2), &inv, Method::Dd).unwrap_err();
+        let e = check_volume(v("available", 2), &inv, None, Method::Dd).unwrap_err();
         assert!(e.to_string().contains("too small"), "{e}");
+        // The measured archive decides for dd, whatever the rough footprint says: 1 GiB of
+        // archive does not fit 1 GiB (no room for its last record and growth).
+        let small = Inventory::default();
+        assert!(check_volume(v("available", 1), &small, Some(1 << 30), Method::Dd).is_err());
+        assert!(check_volume(v("available", 1), &small, Some(1000 << 20), Method::Dd).is_ok());
     }
 }

@@ -232,13 +232,32 @@ impl Session {
     }
 
     /// Runs `words` on the helper and returns its standard output; `what` names the step
-    /// in the error.
+    /// in the error. A step that takes longer than [`STEP_LIMIT`] fails.
     pub async fn run<S: AsRef<str>>(&self, what: &str, words: &[S]) -> Result<String, SshError> {
-        let out = self
+        self.run_for(what, words, STEP_LIMIT).await
+    }
+
+    /// [`Session::run`] with a deadline of its own: a helper that stops answering (a hung
+    /// device, a dead link that ssh's keepalives have not noticed yet) fails the step, and the
+    /// remote command's ssh is killed.
+    pub async fn run_for<S: AsRef<str>>(
+        &self,
+        what: &str,
+        words: &[S],
+        limit: Duration,
+    ) -> Result<String, SshError> {
+        let output = self
             .command(words)?
             .stdin(Stdio::null())
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output();
+        let out = tokio::time::timeout(limit, output)
             .await
+            .map_err(|_| SshError::Remote {
+                what: what.to_string(),
+                detail: format!("no answer within {} s", limit.as_secs()),
+            })?
             .map_err(SshError::Spawn)?;
         if out.status.success() {
             return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
@@ -279,6 +298,9 @@ impl Session {
         }
     }
 }
+
+/// How long a quick remote step (finding the device, probing it) may take.
+pub const STEP_LIMIT: Duration = Duration::from_secs(120);
 
 /// How long a helper that refuses our key (or shows another host key) gets to change its mind.
 const REFUSAL_GRACE: Duration = Duration::from_secs(45);

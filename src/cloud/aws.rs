@@ -12,7 +12,7 @@ use aws_sdk_ec2::primitives::Blob;
 use aws_sdk_ec2::types::{
     ArchitectureType, BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState,
     IamInstanceProfileSpecification, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
-    InstanceType, IpPermission, IpRange, Ipv6Range, KeyType, LocationType, Placement, ResourceType,
+    InstanceType, IpPermission, IpRange, Ipv6Range, LocationType, Placement, ResourceType,
     ShutdownBehavior, Tag, TagSpecification, VolumeType,
 };
 use base64::Engine;
@@ -109,6 +109,12 @@ fn tag_spec(kind: ResourceType, tags: &Tags) -> TagSpecification {
         .build()
 }
 
+fn tag_map(tags: &[Tag]) -> BTreeMap<String, String> {
+    tags.iter()
+        .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or("").to_string())))
+        .collect()
+}
+
 fn sdk_tags(tags: &Tags) -> Vec<Tag> {
     tags.iter()
         .map(|(k, v)| Tag::builder().key(k).value(v).build())
@@ -140,8 +146,10 @@ impl Cloud for AwsCloud {
                         .state()
                         .map(|s| s.as_str().to_string())
                         .unwrap_or_default(),
+                    delete_on_termination: a.delete_on_termination().unwrap_or(false),
                 })
                 .collect(),
+            tags: tag_map(v.tags()),
         }))
     }
 
@@ -315,27 +323,12 @@ impl Cloud for AwsCloud {
         }
     }
 
-    async fn key_pair_exists(&self, name: &str) -> CloudResult<bool> {
+    async fn key_pair_tags(&self, name: &str) -> CloudResult<Option<BTreeMap<String, String>>> {
         match self.ec2.describe_key_pairs().key_names(name).send().await {
-            Ok(out) => Ok(!out.key_pairs().is_empty()),
-            Err(e) if is_code(&e, "InvalidKeyPair.NotFound") => Ok(false),
+            Ok(out) => Ok(out.key_pairs().first().map(|k| tag_map(k.tags()))),
+            Err(e) if is_code(&e, "InvalidKeyPair.NotFound") => Ok(None),
             Err(e) => Err(fail("Looking up the key pair", e)),
         }
-    }
-
-    async fn create_key_pair(&self, name: &str, tags: &Tags) -> CloudResult<String> {
-        let out = self
-            .ec2
-            .create_key_pair()
-            .key_name(name)
-            .key_type(KeyType::Rsa)
-            .tag_specifications(tag_spec(ResourceType::KeyPair, tags))
-            .send()
-            .await
-            .map_err(|e| fail("Creating the key pair", e))?;
-        out.key_material()
-            .map(str::to_string)
-            .ok_or_else(|| CloudError::new("Creating the key pair", "EC2 returned no private key"))
     }
 
     async fn import_key_pair(&self, name: &str, public_key: &str, tags: &Tags) -> CloudResult<()> {
@@ -348,16 +341,6 @@ impl Cloud for AwsCloud {
             .await
             .map(|_| ())
             .map_err(|e| fail("Importing the key pair", e))
-    }
-
-    async fn delete_key_pair(&self, name: &str) -> CloudResult<()> {
-        self.ec2
-            .delete_key_pair()
-            .key_name(name)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| fail("Deleting the key pair", e))
     }
 
     async fn current_image(&self, arch: Arch) -> CloudResult<String> {
@@ -546,11 +529,7 @@ impl Cloud for AwsCloud {
 
     async fn tagged(&self, kind: ResourceKind, key: &str) -> CloudResult<Vec<Tagged>> {
         let filter = Filter::builder().name("tag-key").values(key).build();
-        let to_map = |tags: &[Tag]| -> BTreeMap<String, String> {
-            tags.iter()
-                .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or("").to_string())))
-                .collect()
-        };
+        let to_map = tag_map;
         let action = "Listing resources made by ec2-backup";
         Ok(match kind {
             ResourceKind::Instance => self

@@ -69,6 +69,8 @@ pub struct Attachment {
     pub instance: String,
     pub device: String,
     pub state: String,
+    /// Whether terminating the instance deletes the volume.
+    pub delete_on_termination: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +80,7 @@ pub struct Volume {
     pub size_gib: i32,
     pub zone: String,
     pub attachments: Vec<Attachment>,
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,11 +156,14 @@ pub trait Cloud {
     async fn describe_instance(&self, id: &str) -> CloudResult<Option<Instance>>;
     async fn terminate_instance(&self, id: &str) -> CloudResult<()>;
 
-    async fn key_pair_exists(&self, name: &str) -> CloudResult<bool>;
-    /// Creates a key pair and returns its private key (PEM).
-    async fn create_key_pair(&self, name: &str, tags: &Tags) -> CloudResult<String>;
+    /// The key pair's tags, or None when it does not exist.
+    async fn key_pair_tags(
+        &self,
+        name: &str,
+    ) -> CloudResult<Option<std::collections::BTreeMap<String, String>>>;
+    /// ImportKeyPair. A retry that answers `InvalidKeyPair.Duplicate` may be this very
+    /// import: the caller tells by its tags.
     async fn import_key_pair(&self, name: &str, public_key: &str, tags: &Tags) -> CloudResult<()>;
-    async fn delete_key_pair(&self, name: &str) -> CloudResult<()>;
 
     /// The current Amazon Linux image for this architecture in the client's region.
     async fn current_image(&self, arch: Arch) -> CloudResult<String>;

@@ -22,11 +22,9 @@ use crate::ssh::{describe_failure, detach_from_terminal_signals, Session};
 /// written and `sha256 HEX BYTES` is printed; without it dd writes and the caller reads the
 /// archive back to hash it.
 /// `$3` is [`WRITER`].
+/// What the device holds was checked before (see [`crate::probe`]).
 const WRITE_SCRIPT: &str = r#"set -euo pipefail
 dev=$1 wire=$2 writer=$3
-# Never write an archive over a partition table or a filesystem (an rsync backup).
-if [ -n "$(blkid -p -o value -s PTTYPE -- "$dev" 2>/dev/null || true)" ]; then exit 5; fi
-if [ -n "$(blkid -p -o value -s TYPE -- "$dev" 2>/dev/null || true)" ]; then exit 6; fi
 if python3 -I -c '' >/dev/null 2>&1; then write() { python3 -I -c "$writer" "$dev"; }
 else write() { dd of="$dev" bs=1M iflag=fullblock conv=fsync status=none; }; fi
 if [ "$wire" = zstd ]; then zstd -q -d -c | write; else write; fi
@@ -82,11 +80,19 @@ else digest() { sha256sum; }; fi
 dd if="$1" bs=4M iflag=count_bytes count="$2" status=none | digest
 "#;
 
-/// The local tar command for `source`.
+/// The local tar command for `source`, writing the archive to stdout.
 pub fn tar_command(source: &Source) -> Command {
+    tar_to(source, "--file=-")
+}
+
+/// tar's messages are read by [`torn_member`]: in the C locale, names quoted with escapes
+/// (a newline in a name cannot start a line of its own).
+fn tar_to(source: &Source, file: &str) -> Command {
     let mut cmd = Command::new("tar");
-    cmd.arg("--create")
-        .arg("--file=-")
+    cmd.env("LC_ALL", "C")
+        .arg("--create")
+        .arg(file)
+        .arg("--quoting-style=escape")
         .arg("--directory")
         .arg(&source.dir)
         .args([
@@ -109,11 +115,129 @@ pub fn tar_command(source: &Source) -> Command {
     cmd
 }
 
+/// The exact length of the archive a backup of `source` would write now: GNU tar writing to
+/// /dev/null stats every file (and reads sparse maps, ACLs, xattrs) but reads no file data,
+/// and reports the bytes it would have written. The stream pads that to whole 1 MiB records.
+pub async fn archive_size(source: &Source) -> Result<u64, MethodError> {
+    let mut cmd = tar_to(source, "--file=/dev/null");
+    cmd.arg("--totals");
+    let out = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| MethodError::Spawn {
+            program: "tar",
+            source: e,
+        })?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let total = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("Total bytes written: "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok());
+    let bytes = total.ok_or_else(|| {
+        MethodError::Failed(format!(
+            "sizing the archive with tar failed: {}",
+            describe_failure(out.status.code(), &stderr)
+        ))
+    })?;
+    Ok(bytes.div_ceil(RECORD) * RECORD)
+}
+
+/// tar's record size (`--record-size`): the archive's end is padded to a whole record.
+pub const RECORD: u64 = 1 << 20;
+
+/// Whether a `-v` volume of `size_gib` holds an archive of `archive` bytes, with room for
+/// the directory to grow by 1% (and a record) while the backup runs: an archive that
+/// overflows the volume would already have overwritten the backup before it.
+pub fn archive_fits(archive: u64, size_gib: i32) -> bool {
+    let capacity = u64::try_from(size_gib).unwrap_or(0) << 30;
+    archive.saturating_add(archive / 100).saturating_add(RECORD) <= capacity
+}
+
+/// A regular file that tar says changed or shrank while it read it: its member may be torn
+/// (GNU tar pads a shrunk file with zeros). `line` is one of tar's messages, `root` the
+/// directory tar ran in. A directory whose listing changed, or a file removed before it was
+/// read, is no torn member: a live tree must not make every backup incomplete.
+pub fn torn_member(line: &str, root: &std::path::Path) -> Option<std::path::PathBuf> {
+    let rest = line.strip_prefix("tar: ")?;
+    if let Some(name) = rest.strip_suffix(": file changed as we read it") {
+        let path = root.join(unescape(name));
+        let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+        return (!is_dir).then_some(path);
+    }
+    let (name, tail) = rest.split_once(": File shrank by ")?;
+    tail.ends_with("; padding with zeros")
+        .then(|| root.join(unescape(name)))
+}
+
+/// Undoes tar's `escape` quoting: backslash escapes and three-digit octal bytes.
+fn unescape(quoted: &str) -> std::path::PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let b = quoted.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'\\' || i + 1 == b.len() {
+            out.push(b[i]);
+            i += 1;
+            continue;
+        }
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        if let Some(d) = octal {
+            out.push(
+                d.iter()
+                    .fold(0u8, |v, c| v.wrapping_mul(8).wrapping_add(c - b'0')),
+            );
+            i += 4;
+            continue;
+        }
+        out.push(match b[i + 1] {
+            b'n' => b'\n',
+            b't' => b'\t',
+            b'r' => b'\r',
+            b'a' => 7,
+            b'b' => 8,
+            b'f' => 12,
+            b'v' => 11,
+            other => other,
+        });
+        i += 2;
+    }
+    std::ffi::OsString::from_vec(out).into()
+}
+
+/// Passes tar's messages on to stderr as they come, and collects the members they say may
+/// be torn.
+async fn watch_tar_messages(
+    stderr: Option<tokio::process::ChildStderr>,
+    root: std::path::PathBuf,
+) -> Vec<std::path::PathBuf> {
+    use tokio::io::AsyncBufReadExt;
+    let Some(stderr) = stderr else {
+        return Vec::new();
+    };
+    let mut lines = tokio::io::BufReader::new(stderr).split(b'\n');
+    let mut torn = Vec::new();
+    while let Ok(Some(line)) = lines.next_segment().await {
+        let line = String::from_utf8_lossy(&line).into_owned();
+        crate::report::say(&line);
+        if let Some(path) = torn_member(&line, &root) {
+            torn.push(path);
+        }
+    }
+    torn
+}
+
 pub async fn backup(
     ssh: &Session,
     source: &Source,
     device: &str,
-    volume_id: &str,
     progress: &indicatif::ProgressBar,
 ) -> Result<Transfer, MethodError> {
     let (from_tar, tar_out) = std::io::pipe().map_err(|e| MethodError::Spawn {
@@ -128,7 +252,7 @@ pub async fn backup(
         detach_from_terminal_signals(&mut cmd);
         cmd.stdin(Stdio::null())
             .stdout(tar_out)
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| MethodError::Spawn {
@@ -137,6 +261,7 @@ pub async fn backup(
             })?
     };
 
+    let messages = tokio::spawn(watch_tar_messages(tar.stderr.take(), source.dir.clone()));
     // Look at the start of the archive, then decide how to send it.
     let (from_tar, sample) = tokio::task::spawn_blocking(move || {
         let mut sample = Vec::with_capacity(SAMPLE);
@@ -225,11 +350,6 @@ pub async fn backup(
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let _ = tar.kill().await;
-        match out.status.code() {
-            Some(5) => return Err(MethodError::Partitioned(volume_id.to_string())),
-            Some(6) => return Err(MethodError::HoldsFilesystem(volume_id.to_string())),
-            _ => {}
-        }
         if stderr.contains("No space left") {
             return Err(MethodError::Failed(format!(
                 "the archive ({bytes} bytes so far) does not fit on the volume"
@@ -244,9 +364,10 @@ pub async fn backup(
         .wait()
         .await
         .map_err(|e| MethodError::Failed(format!("waiting for tar failed: {e}")))?;
-    // GNU tar: 1 = a file changed while it was read (the archive is still whole);
-    // 2 = some files could not be read (the archive holds the rest).
-    let incomplete = match status.code() {
+    let torn = messages.await.unwrap_or_default();
+    // GNU tar: 1 = some file differed (changed while read, shrank); 2 = some files could not
+    // be read (the archive holds the rest).
+    let unreadable = match status.code() {
         Some(0) | Some(1) => false,
         Some(2) => true,
         _ => return Err(MethodError::Failed(format!("tar failed ({status})"))),
@@ -266,7 +387,8 @@ pub async fn backup(
     Ok(Transfer {
         bytes,
         sha256: Some(local),
-        incomplete,
+        incomplete: unreadable || !torn.is_empty(),
+        changed: torn,
         wire: Some(wire.as_str()),
         wire_bytes,
     })
@@ -586,5 +708,54 @@ mod tests {
                 .unwrap()
                 < dot
         );
+    }
+
+    #[test]
+    fn torn_members_are_regular_files_that_changed_or_shrank() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir(root.join("sub")).unwrap();
+        std::fs::write(root.join("a\nb c\\d"), b"x").unwrap();
+        let torn = |line: &str| torn_member(line, root);
+        assert_eq!(
+            torn("tar: ./a\\nb c\\\\d: file changed as we read it"),
+            Some(root.join("./a\nb c\\d"))
+        );
+        assert_eq!(
+            torn("tar: ./big: File shrank by 4096 bytes; padding with zeros"),
+            Some(root.join("./big"))
+        );
+        // A directory whose listing changed, a file gone before it was read: not torn.
+        assert_eq!(torn("tar: ./sub: file changed as we read it"), None);
+        assert_eq!(torn("tar: ./gone: File removed before we read it"), None);
+        assert_eq!(torn("tar: ./x: Cannot open: Permission denied"), None);
+        // Octal escapes are bytes (names need not be UTF-8).
+        use std::os::unix::ffi::OsStrExt;
+        let p = torn("tar: ./\\377\\303x: file changed as we read it").unwrap();
+        assert_eq!(p.file_name().unwrap().as_bytes(), b"\xff\xc3x");
+    }
+
+    #[tokio::test]
+    async fn archive_size_is_the_length_tar_really_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..300u32 {
+            let body: Vec<u8> = (0..4096u32).map(|j| (i * 31 + j) as u8).collect();
+            std::fs::write(dir.path().join(format!("f{i}")), body).unwrap();
+        }
+        std::fs::write(dir.path().join("x".repeat(200)), b"long name").unwrap();
+        let source = Source {
+            dir: dir.path().to_path_buf(),
+            skip_contents_of: vec![],
+        };
+        let sized = archive_size(&source).await.unwrap();
+        let out = tar_command(&source)
+            .stdout(Stdio::piped())
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success());
+        assert_eq!(sized, out.stdout.len() as u64);
+        assert!(archive_fits(sized, 1));
+        assert!(!archive_fits(1 << 30, 1));
     }
 }

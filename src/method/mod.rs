@@ -46,8 +46,11 @@ pub struct Transfer {
     pub bytes: u64,
     /// SHA-256 of those bytes, hex, when the method streams a single archive.
     pub sha256: Option<String>,
-    /// Some files could not be read: the backup holds everything else.
+    /// Some files could not be read, or changed while they were read: the backup holds
+    /// everything else.
     pub incomplete: bool,
+    /// Regular files that changed while they were read (their copies may be torn).
+    pub changed: Vec<PathBuf>,
     /// How the data travelled ("plain" or "zstd"), for dd.
     pub wire: Option<&'static str>,
     /// Bytes that crossed the link (less than `bytes` when compressed).
@@ -88,10 +91,7 @@ pub enum MethodError {
     Failed(String),
     #[error("the volume does not hold what was sent: the local archive's SHA-256 is {local} but the helper's hash of what it wrote to the volume is {remote}")]
     Mismatch { local: String, remote: String },
-    #[error("the volume {0} holds a dd backup (a tar archive) and no filesystem; refusing to format it for rsync (restore it first, or pick another volume)")]
-    HoldsArchive(String),
-    #[error("the volume {0} has a partition table; refusing to format or write it")]
-    Partitioned(String),
-    #[error("the volume {0} holds a filesystem (an rsync backup?); refusing to write a dd archive over it (use -m rsync, or another volume)")]
-    HoldsFilesystem(String),
+    /// What a `-v` volume holds, or its size, forbids writing it; nothing was written.
+    #[error("{0}")]
+    Refused(String),
 }

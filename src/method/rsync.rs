@@ -14,6 +14,7 @@ use std::io::IsTerminal;
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::Stdio;
+use std::time::Duration;
 
 use tokio::process::Command;
 
@@ -25,19 +26,18 @@ use crate::ssh::{describe_failure, detach_from_terminal_signals, Session};
 /// Where the volume is mounted on the helper.
 pub const MOUNT_POINT: &str = "/mnt/ec2-backup";
 
-/// Prepares and mounts the device. Exit 4: holds a tar archive; exit 5: partitioned.
+/// Mounts the device $1 on $2, first making an ext4 filesystem with $4 inodes when $3 is
+/// `mkfs` (the caller decided that from the probe: the device is blank, or the user gave
+/// --overwrite). Then prints the mounted filesystem's block size, blocks, free and available
+/// blocks, and inodes, for the capacity check.
 const MOUNT_SCRIPT: &str = r#"set -eu
-dev=$1 mnt=$2
-if [ -n "$(blkid -p -o value -s PTTYPE -- "$dev" 2>/dev/null || true)" ]; then exit 5; fi
-fstype=$(blkid -p -o value -s TYPE -- "$dev" 2>/dev/null || true)
-if [ -z "$fstype" ]; then
-  magic=$(dd if="$dev" bs=512 count=1 2>/dev/null | dd bs=1 skip=257 count=5 2>/dev/null || true)
-  if [ "$magic" = "ustar" ]; then exit 4; fi
-  mkfs.ext4 -q -F -L ec2-backup -E lazy_itable_init=1,lazy_journal_init=1 -- "$dev"
-  echo formatted
+dev=$1 mnt=$2 make=$3 inodes=$4 label=$5
+if [ "$make" = mkfs ]; then
+  mkfs.ext4 -q -F -L "$label" -N "$inodes" -E lazy_itable_init=1,lazy_journal_init=1 -- "$dev"
 fi
 mkdir -p -- "$mnt"
-mount -- "$dev" "$mnt"
+mount -t ext4 -- "$dev" "$mnt"
+stat -f -c 'statfs %S %b %f %a %c' -- "$mnt"
 "#;
 
 /// umount writes the filesystem's data and journal out before it returns.
@@ -45,9 +45,80 @@ const UNMOUNT_SCRIPT: &str = r#"set -eu
 if mountpoint -q -- "$1"; then umount -- "$1"; fi
 "#;
 
-/// Mounts the volume's filesystem, making one if the device has none. Returns whether a
-/// filesystem was made.
-pub async fn mount(ssh: &Session, device: &str, volume_id: &str) -> Result<bool, MethodError> {
+/// The mounted filesystem's size, as statfs reports it (ext4 leaves its own metadata out of
+/// `blocks`, so what the mirror may use is what the check compares).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    pub block_size: u64,
+    pub blocks: u64,
+    pub free: u64,
+    pub available: u64,
+    pub inodes: u64,
+}
+
+impl Capacity {
+    fn parse(output: &str) -> Option<Capacity> {
+        let line = output.lines().rev().find(|l| l.starts_with("statfs "))?;
+        let n: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|w| w.parse().ok())
+            .collect::<Option<_>>()?;
+        match n[..] {
+            [block_size, blocks, free, available, inodes] => Some(Capacity {
+                block_size,
+                blocks,
+                free,
+                available,
+                inodes,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Why the finished mirror of a tree would not fit, if it would not: its bytes (the
+    /// footprint, plus room for the largest file's temporary copy while rsync replaces it)
+    /// within the blocks an unprivileged user could fill, and its entries within the inodes
+    /// (ext4 keeps the first 11 for itself, lost+found takes one).
+    pub fn shortfall(&self, footprint: u64, largest: u64, entries: u64) -> Option<String> {
+        let reserved = self.free.saturating_sub(self.available);
+        let bytes = self.blocks.saturating_sub(reserved) * self.block_size;
+        let needed = footprint.saturating_add(largest);
+        if needed > bytes {
+            return Some(format!(
+                "its filesystem holds {} MiB but the mirror needs about {} MiB",
+                bytes >> 20,
+                needed.div_ceil(1 << 20)
+            ));
+        }
+        if entries + 12 > self.inodes {
+            return Some(format!(
+                "its filesystem has {} inodes but the directory has {entries} entries",
+                self.inodes
+            ));
+        }
+        None
+    }
+}
+
+/// Inodes for a filesystem made for a tree of `entries`: twice as many, so a mirror can
+/// grow, and never fewer than ext4's default of one per 16 KiB.
+pub fn inodes_for(entries: u64, size_gib: i32) -> u64 {
+    let default = (u64::try_from(size_gib).unwrap_or(1) << 30) / 16384;
+    entries.saturating_mul(2).saturating_add(64).max(default)
+}
+
+/// Mounts the volume's filesystem, first making one when `make_fs` gives its inode count;
+/// returns the mounted filesystem's capacity.
+pub async fn mount(
+    ssh: &Session,
+    device: &str,
+    make_fs: Option<u64>,
+) -> Result<Capacity, MethodError> {
+    let (make, inodes) = match make_fs {
+        Some(n) => ("mkfs", n.to_string()),
+        None => ("mount", "0".to_string()),
+    };
     let words = [
         "sudo",
         "-n",
@@ -57,29 +128,30 @@ pub async fn mount(ssh: &Session, device: &str, volume_id: &str) -> Result<bool,
         "mount",
         device,
         MOUNT_POINT,
+        make,
+        &inodes,
+        crate::probe::FS_LABEL,
     ];
-    let out = ssh
-        .command(&words)?
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|e| MethodError::Spawn {
-            program: "ssh",
-            source: e,
-        })?;
-    match out.status.code() {
-        Some(0) => Ok(String::from_utf8_lossy(&out.stdout).contains("formatted")),
-        Some(4) => Err(MethodError::HoldsArchive(volume_id.to_string())),
-        Some(5) => Err(MethodError::Partitioned(volume_id.to_string())),
-        code => Err(MethodError::Failed(format!(
-            "mounting the volume on the helper failed: {}",
-            describe_failure(code, &String::from_utf8_lossy(&out.stderr))
-        ))),
-    }
+    let what = match make_fs {
+        Some(_) => "Making and mounting the volume's filesystem",
+        None => "Mounting the volume's filesystem",
+    };
+    let out = ssh.run_for(what, &words, MOUNT_LIMIT).await?;
+    Capacity::parse(&out).ok_or_else(|| {
+        MethodError::Failed(format!(
+            "the helper did not report the mounted filesystem's size ({})",
+            out.trim()
+        ))
+    })
 }
 
+/// mkfs with lazy inode tables and mount are quick even for large volumes; umount may have
+/// a lot of dirty data to write out first.
+const MOUNT_LIMIT: Duration = Duration::from_secs(300);
+pub const UNMOUNT_LIMIT: Duration = Duration::from_secs(900);
+
 pub async fn unmount(ssh: &Session) -> Result<(), MethodError> {
-    ssh.run(
+    ssh.run_for(
         "Unmounting the volume",
         &[
             "sudo",
@@ -90,6 +162,7 @@ pub async fn unmount(ssh: &Session) -> Result<(), MethodError> {
             "unmount",
             MOUNT_POINT,
         ],
+        UNMOUNT_LIMIT,
     )
     .await?;
     Ok(())
@@ -238,5 +311,30 @@ mod tests {
                    2026/11/27 06:01:14 [24409] sent 247 bytes  received 78 bytes  total size 3\n";
         assert_eq!(written_bytes(log), 1024);
         assert_eq!(written_bytes(""), 0);
+    }
+}
+
+#[cfg(test)]
+mod capacity_tests {
+    use super::*;
+
+    #[test]
+    fn capacity_parses_statfs_and_checks_bytes_and_inodes() {
+        let c = Capacity::parse("statfs 4096 253764 250000 237000 65536\n").unwrap();
+        assert_eq!(c.inodes, 65536);
+        // 253764 blocks less 13000 reserved: ~940 MiB.
+        assert_eq!(c.shortfall(900 << 20, 1 << 20, 1000), None);
+        let e = c.shortfall(939 << 20, 2 << 20, 1000).unwrap();
+        assert!(e.contains("MiB"), "{e}");
+        let e = c.shortfall(1 << 20, 0, 65530).unwrap();
+        assert!(e.contains("65536 inodes"), "{e}");
+        assert!(Capacity::parse("statfs 4096 x 1 1 1").is_none());
+        assert!(Capacity::parse("nothing").is_none());
+    }
+
+    #[test]
+    fn inodes_grow_with_the_tree_never_below_the_default() {
+        assert_eq!(inodes_for(10, 1), 65536);
+        assert_eq!(inodes_for(100_000, 1), 200_064);
     }
 }

@@ -7,9 +7,10 @@ use crate::cloud::{wait, Cloud, Tags};
 use crate::device;
 use crate::error::Error;
 use crate::ledger::Resource;
-use crate::method::{dd, rsync, Method, Source, Transfer};
+use crate::method::{dd, rsync, Method, MethodError, Source, Transfer};
+use crate::probe;
 use crate::ssh::Session;
-use crate::tags::{hostname, now, truncate};
+use crate::tags::{hostname, key, now, truncate};
 
 use super::{progress_bar, Job, DEVICE, STATE_LIMIT};
 
@@ -17,15 +18,17 @@ impl Job {
     /// What a reused volume held is about to change: its old tags must stop vouching for it
     /// until this run vouches for the new contents.
     pub(super) async fn unvouch(&self, volume_id: &str) -> Result<(), Error> {
-        let stale: Tags = ["ec2-backup:sha256", "ec2-backup:bytes"]
+        let stale: Tags = [key::SHA256, key::BYTES]
             .iter()
             .map(|k| (k.to_string(), String::new()))
-            .chain([("ec2-backup:completed".to_string(), "false".to_string())])
+            .chain([(key::COMPLETED.to_string(), "false".to_string())])
             .collect();
         Ok(self.cloud.create_tags(volume_id, &stale).await?)
     }
 
-    /// Finds the volume's device on the helper and runs the method onto it.
+    /// Finds the volume's device on the helper, makes sure it may be written, and runs the
+    /// method onto it. A `-v` volume's old tags stop vouching for it only here, once writing
+    /// really starts: a refusal leaves an intact backup exactly as it was.
     pub(super) async fn transfer_to(
         &self,
         volume_id: &str,
@@ -41,27 +44,52 @@ impl Job {
             )
             .await?;
         let dev = device::parse_found(&found).ok_or_else(|| {
-            Error::Invalid(format!(
+            MethodError::Failed(format!(
                 "the helper reported no usable device for {volume_id}"
             ))
         })?;
+        let write = self.may_write(ssh, volume_id, &dev).await?;
         self.report
             .step(&format!("{volume_id} is {dev} on the helper; transferring"));
         let source = Source {
             dir: self.plan.dir.clone(),
             skip_contents_of: self.plan.inventory.pseudo_mounts.clone(),
         };
+        let reused = self.plan.existing_volume.is_some();
         match self.options.method {
             Method::Dd => {
-                // The archive is about the data plus a header or two per entry.
-                let estimate = self.plan.inventory.data_bytes + self.plan.inventory.entries * 1536;
+                if reused {
+                    self.unvouch(volume_id).await?;
+                }
+                let estimate = self
+                    .plan
+                    .archive_bytes
+                    .unwrap_or(self.plan.inventory.footprint);
                 let bar = progress_bar(estimate);
-                Ok(dd::backup(ssh, &source, &dev, volume_id, &bar).await?)
+                Ok(dd::backup(ssh, &source, &dev, &bar).await?)
             }
             Method::Rsync => {
+                let inventory = &self.plan.inventory;
+                let make_fs = (write == probe::Plan::MakeFilesystem)
+                    .then(|| rsync::inodes_for(inventory.entries, size_gib));
+                if reused && make_fs.is_some() {
+                    self.unvouch(volume_id).await?;
+                }
                 self.ledger.record(Resource::Mount);
-                if rsync::mount(ssh, &dev, volume_id).await? {
+                let capacity = rsync::mount(ssh, &dev, make_fs).await?;
+                if make_fs.is_some() {
                     self.report.step("made an ext4 filesystem on the volume");
+                }
+                if let Some(short) =
+                    capacity.shortfall(inventory.footprint, inventory.largest, inventory.entries)
+                {
+                    return Err(MethodError::Refused(format!(
+                        "the volume {volume_id} is too small for this directory: {short}; nothing was written to it"
+                    ))
+                    .into());
+                }
+                if reused && make_fs.is_none() {
+                    self.unvouch(volume_id).await?;
                 }
                 let transfer = rsync::backup(ssh, &source, workdir).await?;
                 rsync::unmount(ssh).await?;
@@ -69,6 +97,35 @@ impl Job {
                 Ok(transfer)
             }
         }
+    }
+
+    /// What may be done to the device: a volume this run created is blank; a `-v` volume is
+    /// probed, and written only as [`probe::decide`] allows.
+    async fn may_write(
+        &self,
+        ssh: &Session,
+        volume_id: &str,
+        dev: &str,
+    ) -> Result<probe::Plan, Error> {
+        let Some(volume) = &self.plan.existing_volume else {
+            return Ok(match self.options.method {
+                Method::Dd => probe::Plan::WriteArchive,
+                Method::Rsync => probe::Plan::MakeFilesystem,
+            });
+        };
+        let out = ssh
+            .run("Looking at what the volume holds", &probe::command(dev))
+            .await?;
+        let content = probe::Content::parse(&out);
+        self.report.step(&format!("{volume_id} holds {content:?}"));
+        probe::decide(
+            volume_id,
+            &content,
+            &volume.tags,
+            self.options.method,
+            self.options.overwrite,
+        )
+        .map_err(|why| MethodError::Refused(why).into())
     }
 
     /// The data is on the volume (written and flushed, or unmounted): detaches it, tags it
@@ -98,10 +155,10 @@ impl Job {
         // frees the volume sooner than termination would.
         cloud.detach_volume(volume_id, instance_id).await?;
         let mut done = self.volume_tags(!transfer.incomplete);
-        done.push((crate::gc::FINISHED_TAG.into(), now()));
+        done.push((key::FINISHED.into(), now()));
         if let Some(sum) = &transfer.sha256 {
-            done.push(("ec2-backup:sha256".into(), sum.clone()));
-            done.push(("ec2-backup:bytes".into(), transfer.bytes.to_string()));
+            done.push((key::SHA256.into(), sum.clone()));
+            done.push((key::BYTES.into(), transfer.bytes.to_string()));
         }
         let volume_done = async {
             tokio::try_join!(
@@ -125,23 +182,18 @@ impl Job {
         if let Err(e) = terminating {
             report.step(&format!("{e}; trying again in the cleanup"));
         }
-        // From here on the backup is safe: the volume and the key pair are kept.
+        // From here on the backup is safe: the volume is kept.
         self.ledger.forget(&Resource::Volume(volume_id.to_string()));
-        for r in self.ledger.snapshot() {
-            if matches!(r, Resource::KeyPair { .. }) {
-                self.ledger.forget(&r);
-            }
-        }
         Ok(())
     }
 
     pub(super) fn tags(&self, extra: &[(&str, String)]) -> Tags {
         let mut tags: Tags = vec![
-            ("ec2-backup:run".into(), self.run_id.clone()),
-            ("ec2-backup:created".into(), now()),
+            (key::RUN.into(), self.run_id.clone()),
+            (key::CREATED.into(), now()),
             // Lets `ec2-backup gc` on this host tell a live run from a killed one.
-            ("ec2-backup:host".into(), hostname()),
-            ("ec2-backup:pid".into(), std::process::id().to_string()),
+            (key::HOST.into(), hostname()),
+            (key::PID.into(), std::process::id().to_string()),
         ];
         tags.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
         tags
@@ -152,17 +204,14 @@ impl Job {
         let dir = truncate(&self.plan.dir.to_string_lossy(), 255);
         let name = truncate(&format!("ec2-backup {host}:{dir}"), 255);
         let mut tags = self.tags(&[
-            ("ec2-backup:source-host", host),
-            ("ec2-backup:source-dir", dir),
-            (
-                "ec2-backup:method",
-                self.options.method.as_str().to_string(),
-            ),
-            ("ec2-backup:completed", completed.to_string()),
+            (key::SOURCE_HOST, host),
+            (key::SOURCE_DIR, dir),
+            (key::METHOD, self.options.method.as_str().to_string()),
+            (key::COMPLETED, completed.to_string()),
         ]);
         // A user's own volume keeps its own name.
         if self.plan.existing_volume.is_none() {
-            tags.push(("Name".into(), name));
+            tags.push((key::NAME.into(), name));
         }
         tags
     }

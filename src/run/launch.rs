@@ -1,7 +1,8 @@
 //! Bringing the helper up: the key pair, the ssh security group, the instance; then, while
 //! it boots, the volume (created, and attached once the instance runs) and the ssh login.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::cloud::{wait, Cloud, LaunchRequest};
 use crate::error::Error;
@@ -12,58 +13,58 @@ use crate::userdata;
 
 use super::{Job, DEVICE, LOGIN_USER, STATE_LIMIT};
 
+/// How long a run waits for another on this host to finish making the key pair.
+const KEY_LOCK_LIMIT: Duration = Duration::from_secs(120);
+
 impl Job {
     /// Makes the key pair ready as planned; returns the identity file to log in with.
-    pub(super) async fn ensure_key_pair(&self) -> Result<Option<std::path::PathBuf>, Error> {
+    ///
+    /// A key pair this tool makes is an ed25519 key generated here and imported (never
+    /// CreateKeyPair, whose private half is lost if its answer is: ImportKeyPair can be
+    /// retried). Runs on this host take turns under a lock in ~/.ssh, and each looks again
+    /// once it holds it: the first makes the key and the key pair, the others find them. The
+    /// key pair and its file are kept even if the run then fails: another run may already use
+    /// them, and they cost nothing.
+    pub(super) async fn ensure_key_pair(&self) -> Result<Option<PathBuf>, Error> {
         let name = &self.plan.key_name;
-        match &self.plan.key {
-            KeyPlan::Existing { identity } => Ok(identity.clone()),
-            KeyPlan::Create { path } => {
-                self.report.step(&format!("creating the key pair {name}"));
-                let (c, n, tags) = (self.cloud.clone(), name.clone(), self.tags(&[]));
-                let bare = Resource::KeyPair {
-                    name: name.clone(),
-                    file: None,
-                };
-                let made = bare.clone();
-                let pem = self
-                    .ledger
-                    .create(
-                        async move { c.create_key_pair(&n, &tags).await },
-                        move |_| made,
-                    )
-                    .await?;
-                keys::save_private_key(path, &pem)?;
-                self.ledger.forget(&bare);
-                self.ledger.record(Resource::KeyPair {
-                    name: name.clone(),
-                    file: Some(path.clone()),
-                });
-                Ok(Some(path.clone()))
+        let path = match &self.plan.key {
+            KeyPlan::Existing { identity } => return Ok(identity.clone()),
+            KeyPlan::Create { path } | KeyPlan::Import { path, .. } => path,
+        };
+        let ssh_dir = path.parent().unwrap_or(Path::new("."));
+        let _turn = keys::lock(ssh_dir, name, KEY_LOCK_LIMIT).await?;
+        let (public_key, made) = match &self.plan.key {
+            KeyPlan::Import { public_key, .. } => (public_key.clone(), false),
+            _ => keys::make_key(path)?,
+        };
+        if self.cloud.key_pair_tags(name).await?.is_some() {
+            // Another run of this host imported it while this one waited.
+            return Ok(Some(path.clone()));
+        }
+        self.report.step(&format!(
+            "importing {} as the key pair {name}",
+            path.display()
+        ));
+        // Tells this import's own retried request (Duplicate) from another host's import.
+        let token = crate::tags::new_run_id();
+        let tags = self.tags(&[(crate::tags::key::KEY_TOKEN, token.clone())]);
+        match self.cloud.import_key_pair(name, &public_key, &tags).await {
+            Ok(()) => Ok(Some(path.clone())),
+            Err(e) if e.code.as_deref() == Some("InvalidKeyPair.Duplicate") => {
+                let tags = self.cloud.key_pair_tags(name).await?.unwrap_or_default();
+                if tags.get(crate::tags::key::KEY_TOKEN) == Some(&token) {
+                    return Ok(Some(path.clone()));
+                }
+                if made {
+                    // Nobody uses the key this run made: the key pair in AWS is another's.
+                    let _ = std::fs::remove_file(path);
+                    let mut public = path.as_os_str().to_owned();
+                    public.push(".pub");
+                    let _ = std::fs::remove_file(public);
+                }
+                Err(keys::KeyError::Raced { name: name.clone() }.into())
             }
-            KeyPlan::Import { path, public_key } => {
-                self.report.step(&format!(
-                    "importing {} as the key pair {name}",
-                    path.display()
-                ));
-                let (c, n, key, tags) = (
-                    self.cloud.clone(),
-                    name.clone(),
-                    public_key.clone(),
-                    self.tags(&[]),
-                );
-                let made = Resource::KeyPair {
-                    name: name.clone(),
-                    file: None,
-                };
-                self.ledger
-                    .create(
-                        async move { c.import_key_pair(&n, &key, &tags).await },
-                        move |_| made,
-                    )
-                    .await?;
-                Ok(Some(path.clone()))
-            }
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -77,7 +78,7 @@ impl Job {
             let (c, g2, tags) = (
                 cloud.clone(),
                 g.clone(),
-                self.tags(&[("Name", name.clone())]),
+                self.tags(&[(crate::tags::key::NAME, name.clone())]),
             );
             let id = self
                 .ledger
@@ -115,7 +116,10 @@ impl Job {
             security_group_ids: groups,
             iam_instance_profile: self.options.launch.iam_instance_profile.clone(),
             user_data: userdata::cloud_config(host_private, host_public, &authorized),
-            tags: self.tags(&[("Name", format!("ec2-backup helper {}", self.run_id))]),
+            tags: self.tags(&[(
+                crate::tags::key::NAME,
+                format!("ec2-backup helper {}", self.run_id),
+            )]),
         };
         report.step("launching the helper instance");
         let c = cloud.clone();
@@ -147,7 +151,7 @@ impl Job {
                 return Ok((v.id.clone(), v.size_gib));
             }
             let mut tags = self.volume_tags(false);
-            tags.push((crate::gc::CREATED_VOLUME_TAG.into(), "true".into()));
+            tags.push((crate::tags::key::CREATED_VOLUME.into(), "true".into()));
             let (c, zone, gib) = (cloud.clone(), plan.zone.clone(), plan.new_volume_gib);
             let id = self
                 .ledger

@@ -62,7 +62,7 @@ impl From<Error> for Failure {
 /// What a run produced: a backup, or with `--dry-run` only the plan.
 #[derive(Debug)]
 pub enum Done {
-    Backup(Outcome),
+    Backup(Box<Outcome>),
     DryRun(Box<Plan>),
 }
 
@@ -84,7 +84,7 @@ pub async fn run(options: Options) -> Result<Done, Failure> {
     }
     let workdir = tempfile::Builder::new()
         .prefix("ec2-backup.")
-        .tempdir()
+        .tempdir_in(private_dir_parent())
         .map_err(|e| Error::Usage(format!("cannot make a private temporary directory: {e}")))?;
     let job = Job {
         cloud,
@@ -103,7 +103,7 @@ pub async fn run(options: Options) -> Result<Done, Failure> {
     match result {
         Ok(mut outcome) => {
             outcome.leftovers = job.cleanup(&mut signals).await;
-            Ok(Done::Backup(outcome))
+            Ok(Done::Backup(Box::new(outcome)))
         }
         Err(error) => {
             job.report.step(&format!("failed: {error}; cleaning up"));
@@ -136,9 +136,6 @@ impl Job {
             .await?;
         self.report
             .step("connected; looking for the volume's device");
-        if self.plan.existing_volume.is_some() {
-            self.unvouch(&volume_id).await?;
-        }
         let transfer = self.transfer_to(&volume_id, size_gib, workdir).await?;
         self.finish(&volume_id, &instance_id, &transfer).await?;
         // The rest (helper, security group) goes the way a failed run's would, in `run`,
@@ -187,6 +184,23 @@ impl Job {
                 }
             }
         }
+    }
+}
+
+/// Where the run's private directory goes: `$TMPDIR` when ssh can name files in it (its
+/// `-o` values split at spaces, `ControlPath` expands `%`, and a unix socket's path holds at
+/// most 108 bytes), `/tmp` otherwise.
+fn private_dir_parent() -> std::path::PathBuf {
+    let tmp = std::env::temp_dir();
+    let text = tmp.to_string_lossy();
+    let plain = text.len() <= 60
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b));
+    if plain {
+        tmp
+    } else {
+        "/tmp".into()
     }
 }
 
