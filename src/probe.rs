@@ -40,8 +40,8 @@ EOF
   2)
     magic=$(head -c 262 -- "$dev" | tail -c 5 | tr -d '\000') || { echo "unknown the device could not be read"; exit 0; }
     if [ "$magic" = ustar ]; then echo tar; exit 0; fi
-    nonzero=$(head -c 1048576 -- "$dev" | tr -d '\000' | head -c 1 | wc -c) || { echo "unknown the device could not be read"; exit 0; }
-    if [ "$nonzero" = 0 ]; then echo blank; else echo data; fi ;;
+    nonzero=$(head -c 1048576 -- "$dev" | tr -d '\000' | wc -c) || { echo "unknown the device could not be read"; exit 0; }
+    if [ "$nonzero" -eq 0 ]; then echo blank; else echo data; fi ;;
   *)
     why=$(printf '%s' "$found" | tr '\n' ' ' | cut -c1-200)
     echo "unknown blkid failed with exit status $rc${why:+ ($why)}" ;;
@@ -105,10 +105,10 @@ impl Content {
             Content::Blank => "nothing".into(),
             Content::Tar => "a tar archive".into(),
             Content::Filesystem { fstype, label } if label.is_empty() => {
-                format!("a {fstype} filesystem")
+                format!("a filesystem ({fstype})")
             }
             Content::Filesystem { fstype, label } => {
-                format!("a {fstype} filesystem labelled '{label}'")
+                format!("a filesystem ({fstype}, labelled '{label}')")
             }
             Content::Partitioned(t) => format!("a partition table ({t})"),
             Content::Data => "data that is neither blank nor a known format".into(),
@@ -160,19 +160,22 @@ pub fn decide(
         _ if overwrite => return Ok(fresh),
         _ => {}
     }
-    let what = content.describe();
-    let advice = match (method, content) {
-        (Method::Rsync, _) if ours_tar => {
-            "it is a dd backup: back it up with -m dd, or pick another volume"
+    let what = match () {
+        _ if ours_tar => "a dd backup (a tar archive)".to_string(),
+        _ if ours_ext4 => "an rsync backup (an ext4 filesystem)".to_string(),
+        _ => format!("{} that ec2-backup did not write", content.describe()),
+    };
+    let advice = match method {
+        _ if ours_tar => {
+            "back it up with -m dd, pick another volume, or give --overwrite to destroy it"
         }
-        (Method::Dd, _) if ours_ext4 => {
-            "it is an rsync backup: back it up with -m rsync, or pick another volume"
+        _ if ours_ext4 => {
+            "back it up with -m rsync, pick another volume, or give --overwrite to destroy it"
         }
         _ => "pick another volume, or give --overwrite to destroy what it holds",
     };
     Err(format!(
-        "the volume {volume_id} holds {what}, which ec2-backup did not write for -m {}; refusing to write it ({advice})",
-        method.as_str()
+        "the volume {volume_id} holds {what}; refusing to write it ({advice})"
     ))
 }
 

@@ -260,17 +260,22 @@ fn switching_methods_on_a_volume_is_refused_and_the_backup_survives() {
     fs::write(src.join("precious"), b"keep me").unwrap();
 
     let fs_vol = backup(&[OsStr::new("-m"), OsStr::new("rsync")], &src).volume_id();
+    let tags_before = volume(&fs_vol).unwrap()["tags"].clone();
     let r = backup(&[OsStr::new("-v"), OsStr::new(&fs_vol)], &src);
     let last = r.stderr.lines().last().unwrap_or("").to_string();
     assert_eq!(r.code, 1, "{}", r.stderr);
-    assert!(last.contains("holds a filesystem"), "{last}");
+    assert!(last.contains("holds an rsync backup"), "{last}");
     assert_eq!(volume(&fs_vol).unwrap()["state"], "available");
+    // The refusal came before any write: the backup still vouches for itself.
+    assert_eq!(volume(&fs_vol).unwrap()["tags"], tags_before);
     {
         let m = Mounted::new(&fs_vol);
         assert_eq!(fs::read(m.path().join("precious")).unwrap(), b"keep me");
     }
 
     let tar_vol = backup(&[], &src).volume_id();
+    let tags_before = volume(&tar_vol).unwrap()["tags"].clone();
+    assert_eq!(tags_before["ec2-backup:completed"], "true");
     let r = backup(
         &[
             OsStr::new("-m"),
@@ -284,6 +289,7 @@ fn switching_methods_on_a_volume_is_refused_and_the_backup_survives() {
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(last.contains("holds a dd backup"), "{last}");
     assert_eq!(volume(&tar_vol).unwrap()["state"], "available");
+    assert_eq!(volume(&tar_vol).unwrap()["tags"], tags_before);
     let out = s.path().join("out");
     fs::create_dir(&out).unwrap();
     extract_dd(&tar_vol, &out);
