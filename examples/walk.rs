@@ -22,7 +22,13 @@ fn main() -> ExitCode {
         }
     };
     let start = Instant::now();
-    let inv = ec2_backup::plan::inventory(&dir);
+    let inv = match ec2_backup::plan::inventory(&dir) {
+        Ok(inv) => inv,
+        Err(e) => {
+            eprintln!("walk: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let took = start.elapsed().as_secs_f64();
     println!(
         "walk {took:.4} {} {} {}",

@@ -23,6 +23,8 @@ Environment:
   EC2_BACKUP_FLAGS_SSH     extra flags for every ssh (and rsync's ssh), e.g. -i ~/.ssh/other
   EC2_BACKUP_VERBOSE       when set, report each step on stderr
   EC2_BACKUP_BOOT_TIMEOUT  seconds the helper may take to accept ssh (default 300)
+  EC2_BACKUP_WATCHDOG_SECONDS  the helper powers itself off (taking the run's own volume
+                           with it) this long after the run's last heartbeat (default 300)
   EC2_BACKUP_SSH_CIDR      the address allowed to reach the helper's ssh port (default:
                            this machine's public address, from checkip.amazonaws.com)
   AWS_PROFILE, AWS_REGION, AWS_ENDPOINT_URL, ...  the standard AWS configuration
@@ -31,7 +33,8 @@ Other commands:
   ec2-backup gc [--yes]    find (and remove) what killed runs left behind
 
 Exit status: 0 done; 1 failed (cleaned up); 2 bad input (nothing created);
-3 some files unreadable (the rest is on the printed volume); 4 cleanup incomplete;
+3 some files unreadable or changed while read (the rest is on the printed volume);
+4 cleanup incomplete;
 128+N interrupted by signal N.";
 
 #[derive(Debug, Parser)]
@@ -39,7 +42,7 @@ Exit status: 0 done; 1 failed (cleaned up); 2 bad input (nothing created);
     name = "ec2-backup",
     version,
     about = "Back up a directory into an Amazon EBS volume",
-    override_usage = "ec2-backup [-h] [-m method] [-v volume-id [--overwrite]] [--json] [--dry-run] dir\n       ec2-backup gc [--yes] [--older-than HOURS]",
+    override_usage = "ec2-backup [-h] [-m method] [-v volume-id] [--overwrite] [--json] [--dry-run] dir\n       ec2-backup gc [--yes] [--older-than HOURS]",
     long_about = ABOUT,
     after_help = AFTER,
     disable_version_flag = true

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::cloud::aws;
-use crate::cloud::{Cloud, ResourceKind, Tagged};
+use crate::cloud::{wait, Cloud, ResourceKind, Tagged};
 use crate::error::Error;
 use crate::ledger::{Ledger, Resource};
 use crate::report::Reporter;
@@ -41,9 +41,9 @@ pub async fn gc(options: &GcOptions) -> Result<GcReport, Error> {
     )?;
     let now = chrono::Utc::now();
     let here = hostname();
-    let verdict = |t: &Tagged| abandoned(&t.tags, &here, now, options.older_than, pid_alive);
-
-    let ledger = Ledger::default();
+    let verdict =
+        |t: &BTreeMap<String, String>| abandoned(t, &here, now, options.older_than, pid_alive);
+    let report = Reporter::new(options.verbose);
     let mut lines = Vec::new();
     let verb = |doing: &str, done: &str| {
         if options.yes {
@@ -52,51 +52,113 @@ pub async fn gc(options: &GcOptions) -> Result<GcReport, Error> {
             format!("would {doing}")
         }
     };
-    let mut found = |t: &Tagged, noun: &str, (doing, done): (&str, &str), r: Resource| {
-        if let Some(why) = verdict(t) {
-            lines.push(format!("{} {noun} {} ({why})", verb(doing, done), t.id));
-            ledger.record(r);
+    let alive = |state: &str| matches!(state, "pending" | "running" | "stopping" | "stopped");
+    let mut doomed_instances = Vec::new();
+    for i in instances.iter().filter(|i| alive(&i.state)) {
+        if !launched_by_its_run(i) {
+            report.step(&format!(
+                "{} carries ec2-backup's tags but was not launched by that run; left alone",
+                i.id
+            ));
+            continue;
         }
-    };
-    let delete = ("delete", "deleting");
-    for g in &groups {
-        found(
-            g,
-            "security group",
-            delete,
-            Resource::SecurityGroup(g.id.clone()),
-        );
+        if let Some(why) = verdict(&i.tags) {
+            lines.push(format!(
+                "{} helper instance {} ({why})",
+                verb("terminate", "terminating"),
+                i.id
+            ));
+            doomed_instances.push(i.id.clone());
+        }
     }
     let gone = |state: &str| matches!(state, "deleting" | "deleted");
+    let mut doomed_volumes = Vec::new();
     for v in volumes
         .iter()
         .filter(|v| unfinished_volume(&v.tags) && !gone(&v.state))
     {
-        found(
-            v,
-            "incomplete volume",
-            delete,
-            Resource::Volume(v.id.clone()),
-        );
+        if let Some(why) = verdict(&v.tags) {
+            lines.push(format!(
+                "{} incomplete volume {} ({why})",
+                verb("delete", "deleting"),
+                v.id
+            ));
+            doomed_volumes.push(v.id.clone());
+        }
     }
-    let alive = |state: &str| matches!(state, "pending" | "running" | "stopping" | "stopped");
-    for i in instances.iter().filter(|i| alive(&i.state)) {
-        let terminate = ("terminate", "terminating");
-        found(
-            i,
-            "helper instance",
-            terminate,
-            Resource::Instance(i.id.clone()),
-        );
+    let mut doomed_groups = Vec::new();
+    for g in &groups {
+        if let Some(why) = verdict(&g.tags) {
+            lines.push(format!(
+                "{} security group {} ({why})",
+                verb("delete", "deleting"),
+                g.id
+            ));
+            doomed_groups.push(g.id.clone());
+        }
     }
-    let leftovers = if options.yes {
-        ledger
-            .unwind(&cloud, None, &Reporter::new(options.verbose))
-            .await
-    } else {
-        Vec::new()
-    };
+    if !options.yes {
+        return Ok(GcReport {
+            lines,
+            leftovers: Vec::new(),
+        });
+    }
+    // Helpers first: volumes and groups are free only once they are gone.
+    let ledger = Ledger::default();
+    for id in &doomed_instances {
+        ledger.record(Resource::Instance(id.clone()));
+    }
+    let mut leftovers = ledger.unwind(&cloud, None, &report).await;
+    for id in &doomed_instances {
+        if let Err(e) = wait::instance_terminated(&cloud, id, Duration::from_secs(300)).await {
+            report.step(&e.to_string());
+        }
+    }
+    // Minutes may have passed: a volume is deleted only if, read again now, it is still an
+    // unfinished volume of an abandoned run (a run judged by age may have finished meanwhile).
+    for id in &doomed_volumes {
+        let again = match cloud.describe_volume(id).await {
+            Ok(Some(v)) => v,
+            Ok(None) => continue,
+            Err(e) => {
+                leftovers.push(format!("the volume {id} could not be checked again ({e})"));
+                continue;
+            }
+        };
+        if !unfinished_volume(&again.tags) || verdict(&again.tags).is_none() {
+            lines.push(format!(
+                "kept the volume {id}: its run finished it meanwhile"
+            ));
+            continue;
+        }
+        let ledger = Ledger::default();
+        ledger.record(Resource::Volume(id.clone()));
+        leftovers.extend(ledger.unwind(&cloud, None, &report).await);
+    }
+    for id in &doomed_groups {
+        if let Err(e) = crate::ledger::delete_group(&cloud, id).await {
+            leftovers.push(format!(
+                "the security group {id} could not be deleted ({e})"
+            ));
+        }
+    }
     Ok(GcReport { lines, leftovers })
+}
+
+/// Whether an instance carrying a run's tags is that run's helper: launched within minutes of
+/// the run's start. "Launch more like this" copies an instance's tags to a new one, which
+/// gc must never terminate.
+fn launched_by_its_run(i: &Tagged) -> bool {
+    let parse = |t: &str| chrono::DateTime::parse_from_rfc3339(t).ok();
+    let created = i.tags.get(crate::tags::key::CREATED).and_then(|c| parse(c));
+    let launched = i.launched.as_deref().and_then(parse);
+    match (created, launched) {
+        (Some(c), Some(l)) => {
+            let after = l.signed_duration_since(c);
+            after >= chrono::Duration::minutes(-5) && after <= chrono::Duration::minutes(30)
+        }
+        _ => false,
+    }
 }
 
 /// A volume a run created and never finished. A finished one is a backup, even an
@@ -125,7 +187,11 @@ pub fn abandoned(
     let pid = tags
         .get(crate::tags::key::PID)
         .and_then(|p| p.parse::<u32>().ok());
-    if host == here {
+    let process = tags.get(crate::tags::key::PROCESS);
+    if let Some(alive) = process.and_then(|p| crate::tags::process_alive(p)) {
+        return (!alive).then(|| format!("run {run}: its process on this host is gone"));
+    }
+    if host == here && process.is_none() {
         if let Some(pid) = pid {
             return (!alive(pid))
                 .then(|| format!("run {run}: its process {pid} on this host is gone"));
@@ -227,7 +293,46 @@ mod tests {
         assert!(abandoned(&t(&fresh), "me", now, day, |_| false).is_none());
         let why = abandoned(&t(&old), "me", now, day, |_| true).unwrap();
         assert!(why.contains("30 hours"), "{why}");
+        // A process identity from another machine is judged by age too; one from this
+        // machine by its process, whatever host name it carries.
+        let mut elsewhere = t(&fresh);
+        elsewhere.insert(crate::tags::key::PROCESS.into(), "m:b:1:2".into());
+        assert!(abandoned(&elsewhere, "other", now, day, |_| true).is_none());
+        let mut mine = t(&fresh);
+        mine.insert(
+            crate::tags::key::PROCESS.into(),
+            crate::tags::process_identity(),
+        );
+        assert!(abandoned(&mine, "me", now, day, |_| false).is_none());
         // Without a creation time nothing can be proven: leave it.
         assert!(abandoned(&tags(&[(RUN_TAG, "r")]), "me", now, day, |_| false).is_none());
+    }
+}
+
+#[cfg(test)]
+mod copy_tests {
+    use super::*;
+
+    fn helper(created: &str, launched: Option<&str>) -> Tagged {
+        Tagged {
+            id: "i-1".into(),
+            state: "running".into(),
+            tags: [(crate::tags::key::CREATED.to_string(), created.to_string())].into(),
+            launched: launched.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn an_instance_launched_long_after_its_run_is_a_copy() {
+        let t = "2026-12-01T10:00:00Z";
+        assert!(launched_by_its_run(&helper(
+            t,
+            Some("2026-12-01T10:00:20+00:00")
+        )));
+        assert!(!launched_by_its_run(&helper(
+            t,
+            Some("2026-12-03T09:00:00+00:00")
+        )));
+        assert!(!launched_by_its_run(&helper(t, None)));
     }
 }

@@ -172,6 +172,11 @@ impl Ledger {
                 }
                 Resource::Volume(id) => {
                     report.step(&format!("deleting the volume {id} this run created"));
+                    // Marked DeleteOnTermination while attached, it may be gone already.
+                    if matches!(cloud.describe_volume(id).await, Ok(None)) {
+                        self.forget(&item);
+                        continue;
+                    }
                     let deleted = match wait::volume_state(
                         cloud,
                         id,
@@ -207,7 +212,10 @@ impl Ledger {
 
 /// Deletes a security group, waiting while EC2 still counts the terminated helper's network
 /// interface as a user of it (DependencyViolation lasts a little after termination).
-async fn delete_group<C: Cloud>(cloud: &C, id: &str) -> Result<(), crate::cloud::CloudError> {
+pub(crate) async fn delete_group<C: Cloud>(
+    cloud: &C,
+    id: &str,
+) -> Result<(), crate::cloud::CloudError> {
     wait::until(
         "Deleting the security group",
         Duration::from_secs(180),

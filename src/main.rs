@@ -36,7 +36,10 @@ fn main() -> ExitCode {
     };
     let as_json = options.json;
     let method = options.method;
-    match runtime.block_on(run::run(options)) {
+    let result = runtime.block_on(run::run(options));
+    // A blocking task still stuck (a read in a hung mount) must not keep the process alive.
+    runtime.shutdown_background();
+    match result {
         Ok(Done::DryRun(plan)) => {
             if print(&output::dry_run(&plan, method, as_json)).is_err() {
                 return ExitCode::from(exit::FAILED as u8);
@@ -116,7 +119,9 @@ fn gc(args: &[std::ffi::OsString]) -> ExitCode {
         Ok(r) => r,
         Err(code) => return code,
     };
-    match runtime.block_on(ec2_backup::gc::gc(&options)) {
+    let result = runtime.block_on(ec2_backup::gc::gc(&options));
+    runtime.shutdown_background();
+    match result {
         Ok(report) => {
             for line in &report.lines {
                 if print(line).is_err() {

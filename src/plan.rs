@@ -27,6 +27,9 @@ pub enum PlanError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A walk thread died: its share of the tree is unknown, so the volume cannot be sized.
+    #[error("sizing {0} failed: a walk thread stopped unexpectedly")]
+    Walk(PathBuf),
 }
 
 /// What the sizing walk found.
@@ -127,7 +130,7 @@ pub fn fits(footprint: u64, size_gib: i32, filesystem: bool) -> bool {
 /// directories still to read. Twice as many threads as cores: a thread waiting for the disk
 /// (a cold cache) or preempted by the cloud lookups running meanwhile leaves its core to
 /// another.
-pub fn inventory(root: &Path) -> Inventory {
+pub fn inventory(root: &Path) -> Result<Inventory, PlanError> {
     let pseudo: HashSet<PathBuf> = pseudo_mounts_below(root).into_iter().collect();
     let queue = Queue {
         state: Mutex::new((vec![root.to_path_buf()], 0)),
@@ -137,12 +140,13 @@ pub fn inventory(root: &Path) -> Inventory {
         .map(|n| n.get() * 2)
         .unwrap_or(4)
         .clamp(4, 16);
-    let parts: Vec<Part> = std::thread::scope(|scope| {
+    let parts: Option<Vec<Part>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|_| scope.spawn(|| walk_part(root, &pseudo, &queue)))
             .collect();
-        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        handles.into_iter().map(|h| h.join().ok()).collect()
     });
+    let parts = parts.ok_or_else(|| PlanError::Walk(root.to_path_buf()))?;
     let mut inv = Inventory {
         entries: 1,
         footprint: DIR_COST,
@@ -165,7 +169,7 @@ pub fn inventory(root: &Path) -> Inventory {
     }
     inv.pseudo_mounts.sort();
     inv.unreadable.sort();
-    inv
+    Ok(inv)
 }
 
 /// Directories still to read, and how many workers are reading one now.
@@ -372,7 +376,7 @@ mod tests {
         symlink("/usr", root.join("link")).unwrap();
         fs::create_dir(root.join("sub")).unwrap();
         fs::write(root.join("sub/c"), b"hello").unwrap();
-        let inv = inventory(&fs::canonicalize(root).unwrap());
+        let inv = inventory(&fs::canonicalize(root).unwrap()).unwrap();
         assert_eq!(inv.entries, 6);
         assert_eq!(inv.data_bytes, 10_000 + 5);
         // Two directories (the root, sub), four other entries, data in 4 KiB blocks.
@@ -386,7 +390,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = fs::File::create(dir.path().join("sparse")).unwrap();
         f.set_len(1 << 30).unwrap();
-        let inv = inventory(&fs::canonicalize(dir.path()).unwrap());
+        let inv = inventory(&fs::canonicalize(dir.path()).unwrap()).unwrap();
         assert!(inv.data_bytes < 1 << 20, "{}", inv.data_bytes);
     }
 

@@ -16,6 +16,10 @@ use crate::report::Reporter;
 /// The default helper: small, cheap, current, Nitro, x86_64.
 pub const DEFAULT_INSTANCE_TYPE: &str = "t3.micro";
 
+/// How long a helper outlives its last heartbeat (EC2_BACKUP_WATCHDOG_SECONDS): long enough
+/// for a slow boot and a congested link, short enough that a dead run costs minutes.
+pub const DEFAULT_WATCHDOG: Duration = Duration::from_secs(300);
+
 /// What the user asked for, read from the command line and the environment.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -32,6 +36,8 @@ pub struct Options {
     pub dry_run: bool,
     /// Write a `-v` volume whatever it holds.
     pub overwrite: bool,
+    /// How long the helper outlives its last heartbeat from this run.
+    pub watchdog: Duration,
 }
 
 impl Options {
@@ -75,6 +81,17 @@ impl Options {
             })?),
             Err(_) => Duration::from_secs(300),
         };
+        let watchdog = match std::env::var("EC2_BACKUP_WATCHDOG_SECONDS") {
+            Ok(s) => match s.trim().parse::<u64>() {
+                Ok(n) if n >= 5 => Duration::from_secs(n),
+                _ => {
+                    return Err(Error::Usage(format!(
+                        "EC2_BACKUP_WATCHDOG_SECONDS must be a whole number of seconds, at least 5, not '{s}'"
+                    )))
+                }
+            },
+            Err(_) => DEFAULT_WATCHDOG,
+        };
         Ok(Options {
             method,
             volume,
@@ -87,6 +104,7 @@ impl Options {
             json,
             dry_run,
             overwrite,
+            watchdog,
         })
     }
 }
@@ -165,13 +183,23 @@ pub fn check_local(options: &Options, report: &Reporter) -> Result<Local, Error>
     })
 }
 
-/// The sizing walk, on a blocking thread so the cloud lookups go on meanwhile.
+/// The sizing walk, on a thread of its own so the cloud lookups go on meanwhile. Not a
+/// tokio blocking task: a walk stuck in a hung network mount must not keep a run that was
+/// interrupted from exiting (the runtime waits for its blocking tasks; a plain thread ends
+/// with the process).
 async fn take_inventory(dir: &std::path::Path, report: &Reporter) -> Result<Inventory, Error> {
     report.step(&format!("sizing {}", dir.display()));
     let owned = dir.to_path_buf();
-    let inventory = tokio::task::spawn_blocking(move || plan::inventory(&owned))
-        .await
+    let (done, walked) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("ec2-backup-walk".into())
+        .spawn(move || {
+            let _ = done.send(plan::inventory(&owned));
+        })
         .map_err(|e| Error::Invalid(format!("sizing {} failed: {e}", dir.display())))?;
+    let inventory = walked
+        .await
+        .map_err(|_| plan::PlanError::Walk(dir.to_path_buf()))??;
     report.step(&format!(
         "{} entries, {} bytes of data",
         inventory.entries, inventory.data_bytes

@@ -258,7 +258,8 @@ mod tests {
         }
         let e = ok(&ext4("home"), &none, Method::Rsync).unwrap_err();
         assert!(
-            e.contains("ext4 filesystem labelled 'home'") && e.contains("--overwrite"),
+            e.contains("holds a filesystem (ext4, labelled 'home') that ec2-backup did not write")
+                && e.contains("--overwrite"),
             "{e}"
         );
         let e = ok(&Content::Tar, &tags("dd"), Method::Rsync).unwrap_err();

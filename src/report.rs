@@ -16,6 +16,7 @@ pub fn verbose_from_env() -> bool {
     std::env::var_os("EC2_BACKUP_VERBOSE").is_some_and(|v| !v.is_empty())
 }
 
+#[derive(Clone)]
 pub struct Reporter {
     verbose: bool,
     start: Instant,

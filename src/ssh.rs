@@ -231,6 +231,20 @@ impl Session {
         Ok(cmd)
     }
 
+    /// The program and arguments of [`Session::command`], for a task that outlives a borrow
+    /// of the session.
+    pub fn command_line<S: AsRef<str>>(
+        &self,
+        words: &[S],
+    ) -> Result<(OsString, Vec<OsString>), SshError> {
+        let cmd = self.command(words)?;
+        let std = cmd.as_std();
+        Ok((
+            std.get_program().to_owned(),
+            std.get_args().map(|a| a.to_owned()).collect(),
+        ))
+    }
+
     /// Runs `words` on the helper and returns its standard output; `what` names the step
     /// in the error. A step that takes longer than [`STEP_LIMIT`] fails.
     pub async fn run<S: AsRef<str>>(&self, what: &str, words: &[S]) -> Result<String, SshError> {

@@ -10,6 +10,8 @@ pub mod key {
     /// The host and process of the run, so that `gc` on this host can tell a live run.
     pub const HOST: &str = "ec2-backup:host";
     pub const PID: &str = "ec2-backup:pid";
+    /// The run's process as nothing else can be: machine, boot, pid, the pid's start time.
+    pub const PROCESS: &str = "ec2-backup:process";
     /// A volume this run created (not one the user named with `-v`).
     pub const CREATED_VOLUME: &str = "ec2-backup:created-volume";
     /// When the backup was finished and the volume detached.
@@ -48,4 +50,75 @@ pub fn hostname() -> String {
 /// EC2 tag values hold at most 256 characters.
 pub fn truncate(text: &str, max: usize) -> String {
     text.chars().take(max).collect()
+}
+
+/// This process as no other process anywhere can be: `MACHINE:BOOT:PID:START`, the machine's
+/// ID, its current boot's ID, the pid and the pid's start time (pids are reused; a start time
+/// within one boot is not).
+pub fn process_identity() -> String {
+    let pid = std::process::id();
+    format!(
+        "{}:{}:{pid}:{}",
+        machine_id(),
+        boot_id(),
+        start_time(pid).unwrap_or_default()
+    )
+}
+
+/// Whether the process a [`process_identity`] names is alive: Some(true/false) when it ran on
+/// this machine, None when it ran elsewhere (only its age can tell then).
+pub fn process_alive(identity: &str) -> Option<bool> {
+    let mut parts = identity.split(':');
+    let (machine, boot, pid, start) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if machine != machine_id() {
+        return None;
+    }
+    if boot != boot_id() {
+        return Some(false);
+    }
+    let pid: u32 = pid.parse().ok()?;
+    Some(start_time(pid).is_some_and(|s| s.to_string() == start))
+}
+
+fn machine_id() -> String {
+    ["/etc/machine-id", "/var/lib/dbus/machine-id"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(hostname)
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// A process's start time in clock ticks since boot (field 22 of /proc/PID/stat, counted
+/// after the command name, which may hold spaces and parentheses).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_identity_names_this_process_only() {
+        let me = process_identity();
+        assert_eq!(process_alive(&me), Some(true));
+        let parts: Vec<&str> = me.split(':').collect();
+        assert_eq!(parts.len(), 4, "{me}");
+        // The same pid with another start time: a reused pid, not this run.
+        let reused = format!("{}:{}:{}:1", parts[0], parts[1], parts[2]);
+        assert_eq!(process_alive(&reused), Some(false));
+        // Another boot of this machine: dead. Another machine: unknown.
+        let rebooted = format!("{}:other-boot:{}:{}", parts[0], parts[2], parts[3]);
+        assert_eq!(process_alive(&rebooted), Some(false));
+        assert_eq!(process_alive("elsewhere:b:1:2"), None);
+    }
 }

@@ -10,10 +10,11 @@ use aws_config::BehaviorVersion;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::primitives::Blob;
 use aws_sdk_ec2::types::{
-    ArchitectureType, BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState,
-    IamInstanceProfileSpecification, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
-    InstanceType, IpPermission, IpRange, Ipv6Range, LocationType, Placement, ResourceType,
-    ShutdownBehavior, Tag, TagSpecification, VolumeType,
+    ArchitectureType, BlockDeviceMapping, EbsBlockDevice, EbsInstanceBlockDeviceSpecification,
+    Filter, HttpTokensState, IamInstanceProfileSpecification,
+    InstanceBlockDeviceMappingSpecification, InstanceMetadataEndpointState,
+    InstanceMetadataOptionsRequest, InstanceType, IpPermission, IpRange, Ipv6Range, LocationType,
+    Placement, ResourceType, ShutdownBehavior, Tag, TagSpecification, VolumeType,
 };
 use base64::Engine;
 
@@ -208,6 +209,32 @@ impl Cloud for AwsCloud {
             }
             Err(e) => Err(fail("Detaching the volume", e)),
         }
+    }
+
+    async fn set_delete_on_termination(
+        &self,
+        instance: &str,
+        device: &str,
+        volume: &str,
+        delete: bool,
+    ) -> CloudResult<()> {
+        let mapping = InstanceBlockDeviceMappingSpecification::builder()
+            .device_name(device)
+            .ebs(
+                EbsInstanceBlockDeviceSpecification::builder()
+                    .volume_id(volume)
+                    .delete_on_termination(delete)
+                    .build(),
+            )
+            .build();
+        self.ec2
+            .modify_instance_attribute()
+            .instance_id(instance)
+            .block_device_mappings(mapping)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| fail("Setting the volume's DeleteOnTermination", e))
     }
 
     async fn create_tags(&self, id: &str, tags: &Tags) -> CloudResult<()> {
@@ -527,62 +554,68 @@ impl Cloud for AwsCloud {
         }
     }
 
+    /// Every page of the listing: an account with many backups has more than one.
     async fn tagged(&self, kind: ResourceKind, key: &str) -> CloudResult<Vec<Tagged>> {
         let filter = Filter::builder().name("tag-key").values(key).build();
-        let to_map = tag_map;
         let action = "Listing resources made by ec2-backup";
+        let state = |s: Option<&str>| s.unwrap_or_default().to_string();
         Ok(match kind {
             ResourceKind::Instance => self
                 .ec2
                 .describe_instances()
                 .filters(filter)
+                .into_paginator()
                 .send()
+                .try_collect()
                 .await
                 .map_err(|e| fail(action, e))?
-                .reservations()
                 .iter()
+                .flat_map(|page| page.reservations())
                 .flat_map(|r| r.instances())
                 .map(|i| Tagged {
                     id: i.instance_id().unwrap_or_default().to_string(),
-                    state: i
-                        .state()
-                        .and_then(|s| s.name())
-                        .map(|n| n.as_str().to_string())
-                        .unwrap_or_default(),
-                    tags: to_map(i.tags()),
+                    state: state(i.state().and_then(|s| s.name()).map(|n| n.as_str())),
+                    tags: tag_map(i.tags()),
+                    launched: i
+                        .launch_time()
+                        .and_then(|t| chrono::DateTime::from_timestamp(t.secs(), 0))
+                        .map(|t| t.to_rfc3339()),
                 })
                 .collect(),
             ResourceKind::Volume => self
                 .ec2
                 .describe_volumes()
                 .filters(filter)
+                .into_paginator()
                 .send()
+                .try_collect()
                 .await
                 .map_err(|e| fail(action, e))?
-                .volumes()
                 .iter()
+                .flat_map(|page| page.volumes())
                 .map(|v| Tagged {
                     id: v.volume_id().unwrap_or_default().to_string(),
-                    state: v
-                        .state()
-                        .map(|s| s.as_str().to_string())
-                        .unwrap_or_default(),
-                    tags: to_map(v.tags()),
+                    state: state(v.state().map(|s| s.as_str())),
+                    tags: tag_map(v.tags()),
+                    launched: None,
                 })
                 .collect(),
             ResourceKind::SecurityGroup => self
                 .ec2
                 .describe_security_groups()
                 .filters(filter)
+                .into_paginator()
                 .send()
+                .try_collect()
                 .await
                 .map_err(|e| fail(action, e))?
-                .security_groups()
                 .iter()
+                .flat_map(|page| page.security_groups())
                 .map(|g| Tagged {
                     id: g.group_id().unwrap_or_default().to_string(),
                     state: "available".to_string(),
-                    tags: to_map(g.tags()),
+                    tags: tag_map(g.tags()),
+                    launched: None,
                 })
                 .collect(),
         })

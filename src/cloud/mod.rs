@@ -124,6 +124,8 @@ pub struct Tagged {
     pub id: String,
     pub state: String,
     pub tags: std::collections::BTreeMap<String, String>,
+    /// When an instance was launched (RFC 3339); None for other resources.
+    pub launched: Option<String>,
 }
 
 /// CPU architecture of an instance type, as EC2 and the Amazon Linux parameters spell it.
@@ -150,6 +152,15 @@ pub trait Cloud {
     async fn delete_volume(&self, id: &str) -> CloudResult<()>;
     async fn attach_volume(&self, volume: &str, instance: &str, device: &str) -> CloudResult<()>;
     async fn detach_volume(&self, volume: &str, instance: &str) -> CloudResult<()>;
+    /// Whether terminating `instance` deletes the `volume` attached to it at `device`
+    /// (ModifyInstanceAttribute; the flag is always sent explicitly: unset means true).
+    async fn set_delete_on_termination(
+        &self,
+        instance: &str,
+        device: &str,
+        volume: &str,
+        delete: bool,
+    ) -> CloudResult<()>;
     async fn create_tags(&self, id: &str, tags: &Tags) -> CloudResult<()>;
 
     async fn run_instance(&self, request: &LaunchRequest) -> CloudResult<String>;

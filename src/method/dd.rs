@@ -319,8 +319,18 @@ pub async fn backup(
         })
         .map_err(|e| MethodError::Failed(format!("cannot start the stream's thread: {e}")))?;
     let helper = writer.wait_with_output();
-    tokio::pin!(helper, pumped);
+    let stall = stalled(progress, STALL);
+    tokio::pin!(helper, pumped, stall);
     let (pumped, out) = tokio::select! {
+        () = &mut stall => {
+            // Dropping the helper's ssh ends the stream; the pump thread then stops on EPIPE.
+            let _ = tar.start_kill();
+            progress.finish_and_clear();
+            return Err(MethodError::Cut(format!(
+                "no data moved for {} s (a hung disk or link)",
+                STALL.as_secs()
+            )));
+        }
         out = &mut helper => {
             // The helper's end is gone: a tar stalled on a file would hold the stream up
             // until it reads on, so it is stopped.
@@ -392,6 +402,24 @@ pub async fn backup(
         wire: Some(wire.as_str()),
         wire_bytes,
     })
+}
+
+/// How long the stream may move no byte at all before the transfer counts as hung.
+const STALL: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Ends once `progress` has not moved for `limit` (a hung helper disk fills the pipes and
+/// then blocks every write without any error; ssh's keepalives still get through).
+async fn stalled(progress: &indicatif::ProgressBar, limit: std::time::Duration) {
+    let (mut last, mut since) = (progress.position(), std::time::Instant::now());
+    loop {
+        tokio::time::sleep(limit / 30).await;
+        let now = progress.position();
+        if now != last {
+            (last, since) = (now, std::time::Instant::now());
+        } else if since.elapsed() >= limit {
+            return;
+        }
+    }
 }
 
 /// The writer's `sha256 HEX BYTES` line, when the helper had python3 to hash while writing.
@@ -757,5 +785,25 @@ mod tests {
         assert_eq!(sized, out.stdout.len() as u64);
         assert!(archive_fits(sized, 1));
         assert!(!archive_fits(1 << 30, 1));
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_stops_moving_counts_as_stalled() {
+        let bar = indicatif::ProgressBar::hidden();
+        bar.set_length(100);
+        let moving = async {
+            for _ in 0..20 {
+                bar.inc(1);
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        };
+        let limit = std::time::Duration::from_millis(300);
+        tokio::select! {
+            () = stalled(&bar, limit) => panic!("stalled while data moved"),
+            () = moving => {}
+        }
+        let started = std::time::Instant::now();
+        stalled(&bar, limit).await;
+        assert!(started.elapsed() >= limit);
     }
 }

@@ -186,6 +186,8 @@ pub fn rsync_command(ssh: &Session, source: &Source, log: &Path) -> Result<Comma
         "--delete",
         "--filter=P /lost+found",
         "--rsync-path=sudo -n rsync",
+        // No data either way for this long: a hung disk or link ends the run (exit 30).
+        "--timeout=300",
     ]);
     for skip in &source.skip_contents_of {
         cmd.arg(format!("--exclude=/{}/*", glob_escape(skip)));

@@ -2,6 +2,7 @@
 //! the device found, the method run, then detach, final tags and the helper's termination.
 
 use std::path::Path;
+use std::time::Duration;
 
 use crate::cloud::{wait, Cloud, Tags};
 use crate::device;
@@ -146,6 +147,7 @@ impl Job {
             "transferred {} bytes{wire}; detaching",
             transfer.bytes
         ));
+        self.keep_volume(volume_id, instance_id).await?;
         let session = self.ssh.lock().await.take();
         if let Some(mut s) = session {
             s.close().await;
@@ -187,6 +189,39 @@ impl Job {
         Ok(())
     }
 
+    /// Makes sure that nothing that happens to the helper from now on (termination, its
+    /// watchdog firing, the run being killed) can take the volume with it: its
+    /// DeleteOnTermination is set false explicitly and read back. Only then do the heartbeats
+    /// stop and may the helper be terminated.
+    async fn keep_volume(&self, volume_id: &str, instance_id: &str) -> Result<(), Error> {
+        let cloud = &self.cloud;
+        if self.plan.existing_volume.is_none() {
+            cloud
+                .set_delete_on_termination(instance_id, DEVICE, volume_id, false)
+                .await?;
+        }
+        let read_back = wait::until(
+            "Confirming the volume outlives the helper",
+            Duration::from_secs(60),
+            || async {
+                let v = cloud.describe_volume(volume_id).await?;
+                let att = v
+                    .as_ref()
+                    .and_then(|v| v.attachments.iter().find(|a| a.instance == instance_id));
+                Ok(match att {
+                    // Detached already (the watchdog fired): termination cannot take it.
+                    None if v.is_some() => wait::Poll::Ready(()),
+                    Some(a) if !a.delete_on_termination => wait::Poll::Ready(()),
+                    Some(_) => wait::Poll::Pending("DeleteOnTermination is still true".into()),
+                    None => wait::Poll::Pending("the volume is not visible".into()),
+                })
+            },
+        );
+        read_back.await?;
+        self.stop_heartbeats();
+        Ok(())
+    }
+
     pub(super) fn tags(&self, extra: &[(&str, String)]) -> Tags {
         let mut tags: Tags = vec![
             (key::RUN.into(), self.run_id.clone()),
@@ -194,6 +229,7 @@ impl Job {
             // Lets `ec2-backup gc` on this host tell a live run from a killed one.
             (key::HOST.into(), hostname()),
             (key::PID.into(), std::process::id().to_string()),
+            (key::PROCESS.into(), crate::tags::process_identity()),
         ];
         tags.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
         tags

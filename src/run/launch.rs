@@ -115,7 +115,12 @@ impl Job {
             subnet_id: self.options.launch.subnet_id.clone(),
             security_group_ids: groups,
             iam_instance_profile: self.options.launch.iam_instance_profile.clone(),
-            user_data: userdata::cloud_config(host_private, host_public, &authorized),
+            user_data: userdata::cloud_config(
+                host_private,
+                host_public,
+                &authorized,
+                self.options.watchdog,
+            ),
             tags: self.tags(&[(
                 crate::tags::key::NAME,
                 format!("ec2-backup helper {}", self.run_id),
@@ -198,6 +203,13 @@ impl Job {
                 STATE_LIMIT,
             )
             .await?;
+            // The run's own volume goes with the helper if the run dies and the watchdog
+            // powers it off. A user's volume is never marked.
+            if plan.existing_volume.is_none() {
+                cloud
+                    .set_delete_on_termination(instance_id, DEVICE, &volume_id, true)
+                    .await?;
+            }
             Ok::<_, Error>((volume_id, size_gib))
         };
         let address = instance.waiter();
@@ -213,6 +225,7 @@ impl Job {
             )?;
             session.connect(self.options.boot_timeout).await?;
             instance.poke();
+            self.start_heartbeats(&session)?;
             Ok::<_, Error>(session)
         };
         // The waiters exist before the poll starts: it goes on while any is left.
@@ -221,5 +234,56 @@ impl Job {
         let ((), (volume_id, size_gib), session) = tokio::try_join!(polled, attached, connected)?;
         *self.ssh.lock().await = Some(session);
         Ok((volume_id, size_gib))
+    }
+}
+
+impl Job {
+    /// Sends the helper's watchdog a heartbeat every quarter of its limit (a timed message:
+    /// an idle ssh connection to a host that died would prove nothing) until
+    /// [`Job::stop_heartbeats`]. A beat that fails is tried again at the next one.
+    fn start_heartbeats(&self, session: &Session) -> Result<(), Error> {
+        let (program, args) =
+            session.command_line(&["sudo", "-n", "touch", "--", userdata::HEARTBEAT])?;
+        let every =
+            (self.options.watchdog / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        let report = self.report.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let mut beat = tokio::process::Command::new(&program);
+                beat.args(&args)
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .kill_on_drop(true);
+                crate::ssh::detach_from_terminal_signals(&mut beat);
+                let sent = tokio::time::timeout(every, beat.status()).await;
+                if !matches!(sent, Ok(Ok(s)) if s.success()) {
+                    report.step("a heartbeat to the helper's watchdog did not get through");
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+        let old = self
+            .heartbeats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(task.abort_handle());
+        if let Some(old) = old {
+            old.abort();
+        }
+        Ok(())
+    }
+
+    /// No more heartbeats: the data is safe whatever the watchdog does now, or the run is
+    /// being unwound.
+    pub(super) fn stop_heartbeats(&self) {
+        let task = self
+            .heartbeats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(task) = task {
+            task.abort();
+        }
     }
 }

@@ -95,6 +95,7 @@ pub async fn run(options: Options) -> Result<Done, Failure> {
         report,
         run_id: new_run_id(),
         started,
+        heartbeats: Default::default(),
     };
     let result = tokio::select! {
         r = job.execute(workdir.path()) => r,
@@ -123,6 +124,8 @@ struct Job {
     report: Reporter,
     run_id: String,
     started: std::time::Instant,
+    /// The task sending the helper's watchdog its heartbeats.
+    heartbeats: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 impl Job {
@@ -156,6 +159,7 @@ impl Job {
     /// Unwinds the ledger. A signal during cleanup says what is still being removed; a
     /// second one stops waiting and lists what is left.
     async fn cleanup(&self, signals: &mut Signals) -> Vec<String> {
+        self.stop_heartbeats();
         let guard = self.ssh.lock().await;
         let ledger = &self.ledger;
         let unwind = async {
