@@ -14,7 +14,7 @@ fn main() -> ExitCode {
         eprintln!("usage: walk DIR");
         return ExitCode::from(2);
     };
-    let dir = match ec2_backup::plan::check_dir(&dir) {
+    let dir = match ec2_backup::walk::check_dir(&dir) {
         Ok(dir) => dir,
         Err(e) => {
             eprintln!("walk: {e}");
@@ -22,7 +22,7 @@ fn main() -> ExitCode {
         }
     };
     let start = Instant::now();
-    let inv = match ec2_backup::plan::inventory(&dir) {
+    let inv = match ec2_backup::walk::inventory(&dir) {
         Ok(inv) => inv,
         Err(e) => {
             eprintln!("walk: {e}");

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 
 const ABOUT: &str = "Back up a directory into an Amazon EBS volume.
 
@@ -37,17 +37,35 @@ Exit status: 0 done; 1 failed (cleaned up); 2 bad input (nothing created);
 4 cleanup incomplete;
 128+N interrupted by signal N.";
 
+/// `ec2-backup [options] dir` backs up; `ec2-backup COMMAND ...` runs another command. A
+/// directory named like a command is backed up when given as a path (`./gc`).
 #[derive(Debug, Parser)]
 #[command(
     name = "ec2-backup",
     version,
     about = "Back up a directory into an Amazon EBS volume",
-    override_usage = "ec2-backup [-h] [-m method] [-v volume-id] [--overwrite] [--json] [--dry-run] dir\n       ec2-backup gc [--yes] [--older-than HOURS]",
+    override_usage = "ec2-backup [-h] [-m method] [-v volume-id] [--overwrite] [--json] [--dry-run] dir\n       ec2-backup gc [--yes] [--older-than HOURS]\n       ec2-backup --version",
     long_about = ABOUT,
     after_help = AFTER,
-    disable_version_flag = true
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
 )]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub backup: BackupArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Gc(GcArgs),
+}
+
+/// The backup: `ec2-backup [-m method] [-v volume-id] dir`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
     /// Backup method: dd (default) or rsync
     #[arg(short = 'm', value_name = "method", default_value = "dd")]
     pub method: String,
@@ -72,23 +90,22 @@ pub struct Cli {
     pub overwrite: bool,
 
     /// The directory to back up
-    #[arg(value_name = "dir")]
-    pub dir: PathBuf,
+    #[arg(value_name = "dir", required = true)]
+    pub dir: Option<PathBuf>,
 }
 
 /// `ec2-backup gc [--yes] [--older-than HOURS]`
-#[derive(Debug, Parser)]
+#[derive(Debug, Args)]
 #[command(
-    name = "ec2-backup gc",
     override_usage = "ec2-backup gc [--yes] [--older-than HOURS]",
-    about = "Find, and with --yes remove, what killed ec2-backup runs left behind.",
+    about = "Find, and with --yes remove, what killed ec2-backup runs left behind",
     long_about = "Find, and with --yes remove, what killed ec2-backup runs (kill -9, power loss) \
 left behind: helper instances, temporary security groups, and volumes a run created whose \
 backup never completed. Completed backups, volumes named with -v and anything the tool did not \
-tag are never touched. A run started on this host counts as abandoned when its process is \
-gone; a run from another host when it is older than --older-than."
+tag are never touched. A run started on this machine counts as abandoned when its process is \
+gone; a run from another machine when it is older than --older-than."
 )]
-pub struct GcCli {
+pub struct GcArgs {
     /// Remove what was found (without it, only show)
     #[arg(long)]
     pub yes: bool,
@@ -112,12 +129,28 @@ mod tests {
     fn parses_the_classic_line() {
         let c =
             Cli::try_parse_from(["ec2-backup", "-m", "rsync", "-v", "vol-1a2b3c4d", "."]).unwrap();
-        assert_eq!(c.method, "rsync");
-        assert_eq!(c.volume.as_deref(), Some("vol-1a2b3c4d"));
-        assert_eq!(c.dir, PathBuf::from("."));
+        assert!(c.command.is_none());
+        assert_eq!(c.backup.method, "rsync");
+        assert_eq!(c.backup.volume.as_deref(), Some("vol-1a2b3c4d"));
+        assert_eq!(c.backup.dir, Some(PathBuf::from(".")));
         let c = Cli::try_parse_from(["ec2-backup", "/"]).unwrap();
-        assert_eq!(c.method, "dd");
+        assert_eq!(c.backup.method, "dd");
         assert!(Cli::try_parse_from(["ec2-backup"]).is_err());
         assert!(Cli::try_parse_from(["ec2-backup", "-x", "."]).is_err());
+    }
+
+    #[test]
+    fn commands_and_directories_named_like_them() {
+        let c = Cli::try_parse_from(["ec2-backup", "gc", "--yes"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Some(Command::Gc(GcArgs { yes: true, .. }))
+        ));
+        let c = Cli::try_parse_from(["ec2-backup", "./gc"]).unwrap();
+        assert!(c.command.is_none());
+        assert_eq!(c.backup.dir, Some(PathBuf::from("./gc")));
+        // Backup options do not mix with a command.
+        assert!(Cli::try_parse_from(["ec2-backup", "-m", "rsync", "gc"])
+            .is_ok_and(|c| c.command.is_none()));
     }
 }

@@ -4,10 +4,10 @@ use thiserror::Error;
 
 use crate::cloud::CloudError;
 use crate::flags::FlagsError;
-use crate::keys::KeyError;
+use crate::helper::keys::KeyError;
+use crate::helper::ssh::SshError;
 use crate::method::MethodError;
-use crate::plan::PlanError;
-use crate::ssh::SshError;
+use crate::walk::PlanError;
 
 /// Exit statuses (documented in the README).
 pub mod exit {

@@ -8,9 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::cloud::{wait, Cloud, CloudError, CloudResult};
-use crate::method::rsync;
+use crate::helper::ssh::Session;
 use crate::report::Reporter;
-use crate::ssh::Session;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resource {
@@ -23,8 +22,8 @@ pub enum Resource {
     },
     /// The helper's temporary security group (deletable once the helper is gone).
     SecurityGroup(String),
-    /// The volume's filesystem is mounted on the helper.
-    Mount,
+    /// The volume's filesystem is mounted on the helper at this point.
+    Mount(String),
 }
 
 impl Resource {
@@ -36,11 +35,14 @@ impl Resource {
             Resource::Attachment { volume, instance } => {
                 format!("the attachment of {volume} to {instance}")
             }
-            Resource::Mount => "the mount on the helper".to_string(),
+            Resource::Mount(point) => format!("the mount at {point} on the helper"),
             Resource::SecurityGroup(id) => format!("the security group {id}"),
         }
     }
 }
+
+/// How long an unmount during cleanup may take (dirty data is written out first).
+const UNMOUNT_LIMIT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Default)]
 pub struct Ledger {
@@ -113,7 +115,7 @@ impl Ledger {
         // can only be deleted, and a group only removed, once the helper no longer holds it.
         let mut items: Vec<Resource> = self.snapshot().into_iter().rev().collect();
         items.sort_by_key(|r| match r {
-            Resource::Mount => 0,
+            Resource::Mount(_) => 0,
             Resource::Attachment { .. } => 1,
             Resource::Instance(_) => 2,
             Resource::Volume(_) => 3,
@@ -125,13 +127,12 @@ impl Ledger {
             .any(|r| matches!(r, Resource::Volume(_) | Resource::SecurityGroup(_)));
         for item in items {
             match &item {
-                Resource::Mount => {
+                Resource::Mount(point) => {
                     if let Some(ssh) = ssh {
                         report.step("unmounting the volume on the helper");
-                        let done =
-                            tokio::time::timeout(Duration::from_secs(60), rsync::unmount(ssh))
-                                .await;
-                        if !matches!(done, Ok(Ok(()))) {
+                        let words = ["sudo", "-n", "umount", "--", point.as_str()];
+                        let done = ssh.run_for("Unmounting", &words, UNMOUNT_LIMIT).await;
+                        if done.is_err() {
                             report.step(
                                 "could not unmount cleanly; terminating the helper detaches it",
                             );
@@ -241,11 +242,14 @@ mod tests {
         let l = Ledger::default();
         l.record(Resource::Instance("i-1".into()));
         l.record(Resource::Volume("vol-1".into()));
-        l.record(Resource::Mount);
+        l.record(Resource::Mount("/mnt".into()));
         l.forget(&Resource::Volume("vol-1".into()));
         assert_eq!(
             l.snapshot(),
-            vec![Resource::Instance("i-1".into()), Resource::Mount]
+            vec![
+                Resource::Instance("i-1".into()),
+                Resource::Mount("/mnt".into())
+            ]
         );
     }
 }

@@ -1,28 +1,24 @@
-//! ec2-backup: back up a local directory into an Amazon EBS volume.
+//! ec2-backup: back up a local directory into an Amazon EBS volume, and read it back.
 //!
-//! The flow of a run, one module each: [`prepare`] (options, the directory's [`plan`], cloud
-//! lookups that can still refuse) → [`cloud`] (EC2 behind a trait) → [`ssh`] to the helper and
-//! [`device`] discovery → a [`method`] (`dd` or `rsync`) → [`ledger`] (one undo list, unwound on
-//! failure or signal). [`run`] ties them together; the binary only parses and reports.
+//! The folders follow the flow of a command: [`commands`] (one per command: backup, gc, …)
+//! → [`helper`] (deciding and leasing a helper instance with a volume attached: launch,
+//! ssh, device, watchdog) → [`method`] (the two on-volume formats, `dd` and `rsync`) → the
+//! [`cloud`] (EC2 behind a narrow trait) and the [`ledger`] (one undo list, unwound on
+//! failure or signal). [`walk`] sizes a directory; [`tags`] is the tag schema. The binary
+//! only parses, calls one command and maps its error to an exit status.
 
 pub mod cli;
 pub mod cloud;
+pub mod commands;
 pub mod cost;
-pub mod device;
 pub mod error;
 pub mod flags;
-pub mod gc;
-pub mod keys;
+pub mod helper;
 pub mod ledger;
 pub mod method;
 pub mod output;
-pub mod plan;
-pub mod prepare;
-pub mod probe;
 pub mod quote;
 pub mod report;
-pub mod run;
 pub mod signals;
-pub mod ssh;
 pub mod tags;
-pub mod userdata;
+pub mod walk;

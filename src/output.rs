@@ -3,11 +3,10 @@
 
 use serde_json::json;
 
+use crate::commands::backup::{Outcome, Plan};
 use crate::cost;
-use crate::keys::KeyPlan;
+use crate::helper::keys::KeyPlan;
 use crate::method::Method;
-use crate::prepare::Plan;
-use crate::run::Outcome;
 
 /// Dollars to a millionth, so that JSON shows 0.000348 rather than float noise.
 fn micro(usd: f64) -> f64 {
@@ -38,25 +37,26 @@ pub fn backup(o: &Outcome, as_json: bool) -> String {
 }
 
 pub fn dry_run(plan: &Plan, method: Method, as_json: bool) -> String {
+    let helper = &plan.helper;
     let size = plan
         .existing_volume
         .as_ref()
         .map(|v| v.size_gib)
         .unwrap_or(plan.new_volume_gib);
     let seconds = cost::estimated_seconds(plan.inventory.data_bytes);
-    let instance_cost = cost::instance_usd(&plan.instance_type, seconds);
+    let instance_cost = cost::instance_usd(&helper.instance_type, seconds);
     let volume_cost = cost::volume_usd_per_month(size);
-    let key = match &plan.key {
+    let key = match &helper.key {
         KeyPlan::Existing { .. } => None,
         KeyPlan::Create { path } => Some(format!(
             "create the key pair {} and save its private key to {}",
-            plan.key_name,
+            helper.key_name,
             path.display()
         )),
         KeyPlan::Import { path, .. } => Some(format!(
             "import {} as the key pair {}",
             path.display(),
-            plan.key_name
+            helper.key_name
         )),
     };
     if as_json {
@@ -66,15 +66,15 @@ pub fn dry_run(plan: &Plan, method: Method, as_json: bool) -> String {
             "entries": plan.inventory.entries,
             "data_bytes": plan.inventory.data_bytes,
             "method": method.as_str(),
-            "region": plan.region,
-            "zone": plan.zone,
-            "instance_type": plan.instance_type,
-            "architecture": plan.arch.as_str(),
-            "image_id": plan.image_id,
+            "region": helper.region,
+            "zone": helper.zone,
+            "instance_type": helper.instance_type,
+            "architecture": helper.arch.as_str(),
+            "image_id": helper.image_id,
             "existing_volume": plan.existing_volume.as_ref().map(|v| &v.id),
             "new_volume_gib": plan.existing_volume.is_none().then_some(plan.new_volume_gib),
             "key_pair": key,
-            "security_group_ingress": plan.ssh_group.as_ref().map(|g| &g.cidr),
+            "security_group_ingress": helper.ssh_group.as_ref().map(|g| &g.cidr),
             "estimated_seconds": seconds.round(),
             "estimated_instance_cost_usd": instance_cost.map(micro),
             "volume_cost_usd_per_month": volume_cost,
@@ -91,7 +91,7 @@ pub fn dry_run(plan: &Plan, method: Method, as_json: bool) -> String {
     if let Some(k) = key {
         lines.push(format!("  {k}"));
     }
-    if let Some(g) = &plan.ssh_group {
+    if let Some(g) = &helper.ssh_group {
         lines.push(format!(
             "  create a security group in {} admitting ssh from {} only",
             g.vpc, g.cidr
@@ -99,10 +99,10 @@ pub fn dry_run(plan: &Plan, method: Method, as_json: bool) -> String {
     }
     lines.push(format!(
         "  launch a {} ({}) helper from {} in {}",
-        plan.instance_type,
-        plan.arch.as_str(),
-        plan.image_id,
-        plan.zone
+        helper.instance_type,
+        helper.arch.as_str(),
+        helper.image_id,
+        helper.zone
     ));
     match &plan.existing_volume {
         Some(v) => lines.push(format!(
@@ -111,14 +111,14 @@ pub fn dry_run(plan: &Plan, method: Method, as_json: bool) -> String {
         )),
         None => lines.push(format!(
             "  create an encrypted {} GiB gp3 volume in {}",
-            plan.new_volume_gib, plan.zone
+            plan.new_volume_gib, helper.zone
         )),
     }
     let instance = match instance_cost {
         Some(c) => format!("about ${c:.4} for the helper (~{:.0} min)", seconds / 60.0),
         None => format!(
             "the helper's price for {} is not known here",
-            plan.instance_type
+            helper.instance_type
         ),
     };
     lines.push(format!(

@@ -864,47 +864,7 @@ fn lost_rsync_connection_is_reported_in_one_sentence() {
     assert!(!last.contains("io.c"), "rsync's internals: {last}");
 }
 
-// ---- 7. kill -9: what is left behind --------------------------------------------------------
-
-#[test]
-fn kill_9_mid_transfer_leaves_the_helper_running() {
-    let faults = Faults::new();
-    faults.set(&["link", "20"]);
-    let s = scratch();
-    let src = big_source(s.path());
-    let before = Before::now();
-    let live = start(&[], &src, &[]);
-    live.wait_for("; transferring", MARK);
-    std::thread::sleep(Duration::from_millis(1000));
-    live.signal(libc::SIGKILL);
-    let ended = live.finish(END);
-    drop(faults);
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(
-        ended.status.signal(),
-        Some(libc::SIGKILL),
-        "{}",
-        ended.show()
-    );
-    let inst = ended.launched_instance().expect("a helper was launched");
-    let vol = ended.created_volume().expect("a volume was created");
-
-    // Nothing can clean up after kill -9: the helper keeps running with the volume attached.
-    assert!(
-        live_instances().contains(&inst),
-        "the helper {inst} is expected to be left running"
-    );
-    let v = volume(&vol).expect("the volume is left");
-    assert_eq!(v["state"], "in-use", "{v}");
-    assert_ne!(
-        v["tags"]["ec2-backup:completed"], "true",
-        "a cut backup is not marked complete"
-    );
-
-    // Clean the simulator by hand. TODO: `ec2-backup gc --yes` replaces this once it lands.
-    remove_by_hand(&inst, &vol);
-    before.assert_clean(&ended, None);
-}
+// ---- 7. kill -9: see tests/watchdog.rs (the helper's dead-man switch) and tests/gc.rs --------
 
 // ---- bugs found -----------------------------------------------------------------------------
 

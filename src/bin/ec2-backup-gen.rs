@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::CommandFactory;
 use clap_complete::Shell;
-use ec2_backup::cli::{Cli, GcCli};
+use ec2_backup::cli::Cli;
 
 fn main() -> std::io::Result<()> {
     let out = PathBuf::from(
@@ -15,10 +15,13 @@ fn main() -> std::io::Result<()> {
     );
     std::fs::create_dir_all(out.join("man"))?;
     std::fs::create_dir_all(out.join("completions"))?;
-    for (name, cmd) in [
-        ("ec2-backup", Cli::command()),
-        ("ec2-backup-gc", GcCli::command().name("ec2-backup-gc")),
-    ] {
+    let top = Cli::command();
+    let mut pages = vec![("ec2-backup".to_string(), top.clone())];
+    for sub in top.get_subcommands() {
+        let name: &'static str = Box::leak(format!("ec2-backup-{}", sub.get_name()).into());
+        pages.push((name.to_string(), sub.clone().name(name)));
+    }
+    for (name, cmd) in pages {
         let mut page = Vec::new();
         clap_mangen::Man::new(cmd).render(&mut page)?;
         std::fs::write(out.join("man").join(format!("{name}.1")), page)?;

@@ -5,6 +5,8 @@ pub mod aws;
 pub mod caller;
 pub mod wait;
 
+use std::future::Future;
+
 use thiserror::Error;
 
 /// A failed cloud call, with the action and EC2's own error code when there is one.
@@ -60,6 +62,27 @@ impl CloudError {
 }
 
 pub type CloudResult<T> = Result<T, CloudError>;
+
+/// `vol-` and 8 or 17 lowercase hex digits, as EC2 makes them.
+pub fn valid_volume_id(id: &str) -> bool {
+    id.strip_prefix("vol-").is_some_and(|hex| {
+        (hex.len() == 8 || hex.len() == 17)
+            && hex
+                .chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    })
+}
+
+#[cfg(test)]
+#[test]
+fn volume_ids() {
+    assert!(valid_volume_id("vol-0123456789abcdef0"));
+    assert!(valid_volume_id("vol-1a2b3c4d"));
+    assert!(!valid_volume_id("vol-0123456789ABCDEF0"));
+    assert!(!valid_volume_id("vol-123"));
+    assert!(!valid_volume_id("i-0123456789abcdef0"));
+    assert!(!valid_volume_id("vol-0123456789abcdefg"));
+}
 
 /// A tag as a key/value pair; every resource a run creates carries the run's tags.
 pub type Tags = Vec<(String, String)>;
@@ -144,63 +167,106 @@ impl Arch {
     }
 }
 
-/// What ec2-backup needs of EC2. Calls are made from one task, so the futures need not be Send.
-#[allow(async_fn_in_trait)]
-pub trait Cloud {
-    async fn describe_volume(&self, id: &str) -> CloudResult<Option<Volume>>;
-    async fn create_volume(&self, zone: &str, size_gib: i32, tags: &Tags) -> CloudResult<String>;
-    async fn delete_volume(&self, id: &str) -> CloudResult<()>;
-    async fn attach_volume(&self, volume: &str, instance: &str, device: &str) -> CloudResult<()>;
-    async fn detach_volume(&self, volume: &str, instance: &str) -> CloudResult<()>;
+/// What ec2-backup needs of EC2: the real SDK client ([`aws::AwsCloud`]), an in-memory fake
+/// and the test doubles in `fake` (an in-memory EC2, and a wrapper failing chosen calls) implement
+/// it. Futures are Send: create calls run as tasks of their own (see [`crate::ledger`]).
+pub trait Cloud: Clone + Send + Sync + 'static {
+    fn describe_volume(&self, id: &str)
+        -> impl Future<Output = CloudResult<Option<Volume>>> + Send;
+    fn create_volume(
+        &self,
+        zone: &str,
+        size_gib: i32,
+        tags: &Tags,
+    ) -> impl Future<Output = CloudResult<String>> + Send;
+    fn delete_volume(&self, id: &str) -> impl Future<Output = CloudResult<()>> + Send;
+    fn attach_volume(
+        &self,
+        volume: &str,
+        instance: &str,
+        device: &str,
+    ) -> impl Future<Output = CloudResult<()>> + Send;
+    fn detach_volume(
+        &self,
+        volume: &str,
+        instance: &str,
+    ) -> impl Future<Output = CloudResult<()>> + Send;
     /// Whether terminating `instance` deletes the `volume` attached to it at `device`
     /// (ModifyInstanceAttribute; the flag is always sent explicitly: unset means true).
-    async fn set_delete_on_termination(
+    fn set_delete_on_termination(
         &self,
         instance: &str,
         device: &str,
         volume: &str,
         delete: bool,
-    ) -> CloudResult<()>;
-    async fn create_tags(&self, id: &str, tags: &Tags) -> CloudResult<()>;
+    ) -> impl Future<Output = CloudResult<()>> + Send;
+    fn create_tags(&self, id: &str, tags: &Tags) -> impl Future<Output = CloudResult<()>> + Send;
 
-    async fn run_instance(&self, request: &LaunchRequest) -> CloudResult<String>;
-    async fn describe_instance(&self, id: &str) -> CloudResult<Option<Instance>>;
-    async fn terminate_instance(&self, id: &str) -> CloudResult<()>;
+    fn run_instance(
+        &self,
+        request: &LaunchRequest,
+    ) -> impl Future<Output = CloudResult<String>> + Send;
+    fn describe_instance(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = CloudResult<Option<Instance>>> + Send;
+    fn terminate_instance(&self, id: &str) -> impl Future<Output = CloudResult<()>> + Send;
 
     /// The key pair's tags, or None when it does not exist.
-    async fn key_pair_tags(
+    fn key_pair_tags(
         &self,
         name: &str,
-    ) -> CloudResult<Option<std::collections::BTreeMap<String, String>>>;
+    ) -> impl Future<Output = CloudResult<Option<std::collections::BTreeMap<String, String>>>> + Send;
     /// ImportKeyPair. A retry that answers `InvalidKeyPair.Duplicate` may be this very
     /// import: the caller tells by its tags.
-    async fn import_key_pair(&self, name: &str, public_key: &str, tags: &Tags) -> CloudResult<()>;
+    fn import_key_pair(
+        &self,
+        name: &str,
+        public_key: &str,
+        tags: &Tags,
+    ) -> impl Future<Output = CloudResult<()>> + Send;
 
     /// The current Amazon Linux image for this architecture in the client's region.
-    async fn current_image(&self, arch: Arch) -> CloudResult<String>;
+    fn current_image(&self, arch: Arch) -> impl Future<Output = CloudResult<String>> + Send;
     /// An image's architecture and root disk; None when it does not exist.
-    async fn image_info(&self, image_id: &str) -> CloudResult<Option<(Arch, RootDisk)>>;
+    fn image_info(
+        &self,
+        image_id: &str,
+    ) -> impl Future<Output = CloudResult<Option<(Arch, RootDisk)>>> + Send;
     /// The IDs among `ids` that do not exist.
-    async fn missing_security_groups(&self, ids: &[String]) -> CloudResult<Vec<String>>;
-    async fn instance_arch(&self, instance_type: &str) -> CloudResult<Arch>;
+    fn missing_security_groups(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = CloudResult<Vec<String>>> + Send;
+    fn instance_arch(&self, instance_type: &str) -> impl Future<Output = CloudResult<Arch>> + Send;
     /// Zones (sorted) where this instance type can be launched.
-    async fn zones_for(&self, instance_type: &str) -> CloudResult<Vec<String>>;
+    fn zones_for(
+        &self,
+        instance_type: &str,
+    ) -> impl Future<Output = CloudResult<Vec<String>>> + Send;
     /// The zone and VPC of a subnet.
-    async fn subnet_info(&self, subnet_id: &str) -> CloudResult<(String, String)>;
-    async fn default_vpc(&self) -> CloudResult<Option<String>>;
+    fn subnet_info(
+        &self,
+        subnet_id: &str,
+    ) -> impl Future<Output = CloudResult<(String, String)>> + Send;
+    fn default_vpc(&self) -> impl Future<Output = CloudResult<Option<String>>> + Send;
 
     /// Creates a security group that lets `cidr` reach tcp/22 and nothing else in.
-    async fn create_ssh_group(
+    fn create_ssh_group(
         &self,
         name: &str,
         vpc: &str,
         cidr: &str,
         tags: &Tags,
-    ) -> CloudResult<String>;
-    async fn delete_security_group(&self, id: &str) -> CloudResult<()>;
+    ) -> impl Future<Output = CloudResult<String>> + Send;
+    fn delete_security_group(&self, id: &str) -> impl Future<Output = CloudResult<()>> + Send;
 
     /// Instances, volumes and security groups that carry the tag key `key`.
-    async fn tagged(&self, kind: ResourceKind, key: &str) -> CloudResult<Vec<Tagged>>;
+    fn tagged(
+        &self,
+        kind: ResourceKind,
+        key: &str,
+    ) -> impl Future<Output = CloudResult<Vec<Tagged>>> + Send;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,8 +14,8 @@ use tokio::process::Command;
 
 use super::wire::{self, Wire, SAMPLE};
 use super::{MethodError, Source, Transfer};
+use crate::helper::ssh::{describe_failure, detach_from_terminal_signals, Session};
 use crate::quote::glob_escape;
-use crate::ssh::{describe_failure, detach_from_terminal_signals, Session};
 
 /// Writes stdin (decompressed first when $2 is zstd) to the device $1 and fsyncs it. With
 /// python3 on the helper (every cloud-init image has it), the bytes are hashed as they are

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-use crate::ssh::SshError;
+use crate::helper::ssh::SshError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {

@@ -19,9 +19,9 @@ use std::time::Duration;
 use tokio::process::Command;
 
 use super::{MethodError, Source, Transfer};
+use crate::helper::ssh::{describe_failure, detach_from_terminal_signals, Session};
 use crate::quote::glob_escape;
 use crate::report::say;
-use crate::ssh::{describe_failure, detach_from_terminal_signals, Session};
 
 /// Where the volume is mounted on the helper.
 pub const MOUNT_POINT: &str = "/mnt/ec2-backup";
@@ -130,7 +130,7 @@ pub async fn mount(
         MOUNT_POINT,
         make,
         &inodes,
-        crate::probe::FS_LABEL,
+        crate::helper::probe::FS_LABEL,
     ];
     let what = match make_fs {
         Some(_) => "Making and mounting the volume's filesystem",

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use tokio::io::AsyncWriteExt;
 
-use crate::ssh::Session;
+use crate::helper::ssh::Session;
 
 /// How much of the archive is looked at before deciding.
 pub const SAMPLE: usize = 8 << 20;

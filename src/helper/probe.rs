@@ -56,6 +56,17 @@ pub fn command(device: &str) -> Vec<String> {
         .collect()
 }
 
+/// Looks at what `device` holds, on the helper.
+pub async fn probe(
+    ssh: &crate::helper::ssh::Session,
+    device: &str,
+) -> Result<Content, crate::helper::ssh::SshError> {
+    let out = ssh
+        .run("Looking at what the volume holds", &command(device))
+        .await?;
+    Ok(Content::parse(&out))
+}
+
 /// What the device holds, as the probe saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Content {

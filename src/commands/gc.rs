@@ -33,7 +33,7 @@ pub struct GcReport {
 }
 
 pub async fn gc(options: &GcOptions) -> Result<GcReport, Error> {
-    let cloud = aws::connect().await.map_err(crate::prepare::input)?;
+    let cloud = aws::connect().await.map_err(crate::helper::plan::input)?;
     let (instances, volumes, groups) = tokio::try_join!(
         cloud.tagged(ResourceKind::Instance, RUN_TAG),
         cloud.tagged(ResourceKind::Volume, RUN_TAG),
