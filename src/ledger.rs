@@ -236,6 +236,98 @@ pub(crate) async fn delete_group<C: Cloud>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cloud::fake::{FakeCloud, Faulty};
+    use crate::cloud::{Cloud, LaunchRequest};
+
+    /// A helper with a volume of its own attached and its security group, all recorded in
+    /// the order a run makes them.
+    async fn helper_with_volume(fake: &FakeCloud) -> (Ledger, String, String, String) {
+        let sg = fake
+            .create_ssh_group("g", "vpc-1", "127.0.0.1/32", &vec![])
+            .await
+            .unwrap();
+        let i = fake.run_instance(&LaunchRequest::default()).await.unwrap();
+        let v = fake.create_volume("fake-1a", 1, &vec![]).await.unwrap();
+        fake.attach_volume(&v, &i, "/dev/sdf").await.unwrap();
+        let l = Ledger::default();
+        l.record(Resource::SecurityGroup(sg.clone()));
+        l.record(Resource::Instance(i.clone()));
+        l.record(Resource::Volume(v.clone()));
+        l.record(Resource::Attachment {
+            volume: v.clone(),
+            instance: i.clone(),
+        });
+        (l, sg, i, v)
+    }
+
+    fn position(calls: &[String], prefix: &str) -> usize {
+        calls
+            .iter()
+            .position(|c| c.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in {calls:?}"))
+    }
+
+    #[tokio::test]
+    async fn unwinds_in_dependency_order_whatever_the_order_of_creation() {
+        let fake = FakeCloud::default();
+        let (ledger, sg, _, v) = helper_with_volume(&fake).await;
+        let left = ledger.unwind(&fake, None, &Reporter::new(false)).await;
+        assert!(left.is_empty(), "{left:?}");
+        let calls = fake.calls();
+        let detach = position(&calls, "DetachVolume");
+        let terminate = position(&calls, "TerminateInstances");
+        let delete_volume = position(&calls, &format!("DeleteVolume {v}"));
+        let delete_group = position(&calls, &format!("DeleteSecurityGroup {sg}"));
+        assert!(
+            detach < terminate && terminate < delete_volume && delete_volume < delete_group,
+            "{calls:?}"
+        );
+        assert!(fake.volumes().is_empty() && fake.groups().is_empty());
+        assert_eq!(fake.instance_states(), ["terminated"]);
+        assert!(ledger.snapshot().is_empty());
+    }
+
+    #[tokio::test]
+    async fn every_step_is_tried_and_what_is_left_is_named() {
+        let fake = FakeCloud::default();
+        let (ledger, _, _, v) = helper_with_volume(&fake).await;
+        let faulty = Faulty::new(fake.clone());
+        // The detach fails (termination detaches it instead); deleting the volume fails.
+        faulty
+            .fail("DetachVolume", "UnauthorizedOperation", 1, 1)
+            .fail("DeleteVolume", "UnauthorizedOperation", 1, 1);
+        let left = ledger.unwind(&faulty, None, &Reporter::new(false)).await;
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert!(
+            left[0].contains(&v) && left[0].contains("could not be deleted"),
+            "{left:?}"
+        );
+        assert_eq!(fake.instance_states(), ["terminated"]);
+        assert!(fake.groups().is_empty(), "the group went even so");
+        assert_eq!(ledger.snapshot(), vec![Resource::Volume(v)]);
+    }
+
+    #[tokio::test]
+    async fn a_volume_its_helper_took_along_is_done() {
+        let fake = FakeCloud::default();
+        let i = fake.run_instance(&LaunchRequest::default()).await.unwrap();
+        let v = fake.create_volume("fake-1a", 1, &vec![]).await.unwrap();
+        fake.attach_volume(&v, &i, "/dev/sdf").await.unwrap();
+        fake.set_delete_on_termination(&i, "/dev/sdf", &v, true)
+            .await
+            .unwrap();
+        let ledger = Ledger::default();
+        ledger.record(Resource::Instance(i));
+        ledger.record(Resource::Volume(v.clone()));
+        let started = std::time::Instant::now();
+        let left = ledger.unwind(&fake, None, &Reporter::new(false)).await;
+        assert!(left.is_empty(), "{left:?}");
+        assert!(fake.volume(&v).is_none());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "waited for a volume that is gone"
+        );
+    }
 
     #[test]
     fn forget_removes_only_that_resource() {

@@ -3,6 +3,8 @@
 
 pub mod aws;
 pub mod caller;
+#[cfg(test)]
+pub mod fake;
 pub mod wait;
 
 use std::future::Future;

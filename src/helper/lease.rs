@@ -562,3 +562,159 @@ fn private_dir_parent() -> PathBuf {
         "/tmp".into()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cloud::fake::{FakeCloud, Faulty};
+    use crate::cloud::Arch;
+    use crate::flags::{LaunchFlags, SshFlags};
+    use crate::helper::plan::SshGroup;
+
+    fn lease<C: Cloud>(cloud: C, home: &Path) -> Lease<C> {
+        let options = HelperOptions {
+            launch: LaunchFlags::default(),
+            // Nothing listens on loopback's discard port: ssh attempts fail at once.
+            ssh: SshFlags {
+                words: vec!["-p".into(), "9".into()],
+            },
+            home: home.to_path_buf(),
+            verbose: false,
+            boot_timeout: Duration::from_secs(5),
+            watchdog: Duration::from_secs(300),
+        };
+        let plan = HelperPlan {
+            zone: "fake-1a".into(),
+            instance_type: "t3.micro".into(),
+            arch: Arch::X86_64,
+            image_id: "ami-00000001".into(),
+            root_disk: None,
+            region: "fake-1".into(),
+            key_name: "k".into(),
+            key: KeyPlan::Existing { identity: None },
+            ssh_group: Some(SshGroup {
+                vpc: "vpc-1".into(),
+                cidr: "127.0.0.1/32".into(),
+            }),
+            extra_authorized_keys: vec![],
+        };
+        Lease::new(cloud, options, plan, Reporter::new(false)).unwrap()
+    }
+
+    fn new_disk() -> Disk {
+        Disk::New {
+            gib: 1,
+            tags: vec![(key::CREATED_VOLUME.into(), "true".into())],
+        }
+    }
+
+    /// A launch that fails at the attach leaves nothing: the volume it made, the helper and
+    /// its group are gone after the unwind.
+    #[tokio::test]
+    async fn a_failed_attach_unwinds_everything_the_lease_made() {
+        let home = tempfile::tempdir().unwrap();
+        let fake = FakeCloud::default();
+        let faulty = Faulty::new(fake.clone());
+        faulty.fail("AttachVolume", "UnauthorizedOperation", 1, 1);
+        let lease = lease(faulty, home.path());
+        let e = lease.open(new_disk()).await.expect_err("the attach fails");
+        assert!(e.to_string().contains("UnauthorizedOperation"), "{e}");
+        let mut signals = Signals::new().unwrap();
+        let left = lease.cleanup(&mut signals).await;
+        assert!(left.is_empty(), "{left:?}");
+        assert!(fake.volumes().is_empty(), "{:?}", fake.volumes());
+        assert!(fake.groups().is_empty());
+        assert_eq!(fake.instance_states(), ["terminated"]);
+    }
+
+    /// A user's volume is never deleted, whatever fails.
+    #[tokio::test]
+    async fn a_failed_launch_never_touches_an_existing_volume() {
+        let home = tempfile::tempdir().unwrap();
+        let fake = FakeCloud::default();
+        let own = fake.add_volume(1);
+        let faulty = Faulty::new(fake.clone());
+        faulty.fail("AttachVolume", "UnauthorizedOperation", 1, 1);
+        let lease = lease(faulty, home.path());
+        assert!(lease.open(Disk::Existing(own.clone())).await.is_err());
+        let left = lease.cleanup(&mut Signals::new().unwrap()).await;
+        assert!(left.is_empty(), "{left:?}");
+        assert_eq!(fake.volumes(), std::slice::from_ref(&own.id));
+        let calls = fake.calls();
+        assert!(
+            !calls
+                .iter()
+                .any(|c| c.starts_with("ModifyInstanceAttribute")),
+            "a user's volume is never marked: {calls:?}"
+        );
+    }
+
+    /// A volume the lease made is marked to go with its helper while attached; handing it
+    /// back unmarks it (read back) before the helper is terminated, so it survives.
+    #[tokio::test]
+    async fn a_handed_back_volume_is_unmarked_before_the_helper_goes() {
+        let home = tempfile::tempdir().unwrap();
+        let fake = FakeCloud::default();
+        let lease = lease(fake.clone(), home.path());
+        let i = fake.run_instance(&LaunchRequest::default()).await.unwrap();
+        let v = fake.create_volume("fake-1a", 1, &vec![]).await.unwrap();
+        fake.attach_volume(&v, &i, DEVICE).await.unwrap();
+        fake.set_delete_on_termination(&i, DEVICE, &v, true)
+            .await
+            .unwrap();
+        lease.ledger.record(Resource::Instance(i.clone()));
+        lease.ledger.record(Resource::Volume(v.clone()));
+        let attached = Attached {
+            instance_id: i,
+            volume_id: v.clone(),
+            size_gib: 1,
+            device: "/dev/nvme1n1".into(),
+            created: true,
+        };
+        let done = vec![(key::COMPLETED.to_string(), "true".to_string())];
+        lease.hand_back(&attached, Some(done), true).await.unwrap();
+        let left = lease.cleanup(&mut Signals::new().unwrap()).await;
+        assert!(left.is_empty(), "{left:?}");
+        let kept = fake.volume(&v).expect("the backup is kept");
+        assert_eq!(
+            kept.tags.get(key::COMPLETED).map(String::as_str),
+            Some("true")
+        );
+        let calls = fake.calls();
+        let unmark = calls
+            .iter()
+            .position(|c| c.ends_with(&format!("{v} false")))
+            .expect("unmarked");
+        let terminate = calls
+            .iter()
+            .position(|c| c.starts_with("TerminateInstances"))
+            .unwrap();
+        assert!(unmark < terminate, "{calls:?}");
+    }
+
+    /// If the unmark fails, the volume is not declared safe: hand_back fails before any
+    /// termination is asked for.
+    #[tokio::test]
+    async fn a_volume_that_cannot_be_unmarked_is_not_declared_safe() {
+        let home = tempfile::tempdir().unwrap();
+        let fake = FakeCloud::default();
+        let faulty = Faulty::new(fake.clone());
+        faulty.fail("ModifyInstanceAttribute", "UnauthorizedOperation", 1, 1);
+        let lease = lease(faulty, home.path());
+        let i = fake.run_instance(&LaunchRequest::default()).await.unwrap();
+        let v = fake.create_volume("fake-1a", 1, &vec![]).await.unwrap();
+        fake.attach_volume(&v, &i, DEVICE).await.unwrap();
+        let attached = Attached {
+            instance_id: i,
+            volume_id: v,
+            size_gib: 1,
+            device: "/dev/nvme1n1".into(),
+            created: true,
+        };
+        assert!(lease.hand_back(&attached, None, true).await.is_err());
+        assert!(!fake
+            .calls()
+            .iter()
+            .any(|c| c.starts_with("TerminateInstances")));
+    }
+}
