@@ -2,6 +2,7 @@
 result (exports, JSON, a path); everything else goes to stderr."""
 import glob
 import os
+import re
 import subprocess
 import sys
 import time
@@ -97,7 +98,9 @@ def cmd_fault(sdir, name, args):
     if not os.path.isdir(sdir):
         raise Fail(f"simulator '{name}' is not up")
     if not args:
-        raise Fail("usage: ec2sim fault api|boot-delay|attach-delay|never-boot|no-python|link|clear ...")
+        raise Fail("usage: ec2sim fault api ACTION CODE COUNT | boot-delay S | attach-delay S | "
+                   "never-boot [N] | no-python [N] | missing-tool PROGRAM [N] | "
+                   "broken-tool PROGRAM [N] | link MBIT [DELAY_MS] | clear")
     kind, rest = args[0], args[1:]
     try:
         if kind == "api" and len(rest) == 3:
@@ -114,6 +117,9 @@ def cmd_fault(sdir, name, args):
         elif kind == "no-python" and len(rest) <= 1:
             n = int(rest[0]) if rest else 1
             faults.update(sdir, lambda d: d.__setitem__("no_python", d.get("no_python", 0) + n))
+        elif kind in ("missing-tool", "broken-tool") and len(rest) in (1, 2):
+            prog, n = _program(rest[0]), int(rest[1]) if len(rest) > 1 else 1
+            faults.update(sdir, lambda d: _arm_tool(d, kind.replace("-tool", "_tools"), prog, n))
         elif kind == "link" and len(rest) in (1, 2):
             link = {"mbit": float(rest[0]), "delay_ms": float(rest[1]) if len(rest) > 1 else 0}
             faults.update(sdir, lambda d: d.__setitem__("link", link))
@@ -131,6 +137,25 @@ def cmd_fault(sdir, name, args):
             raise Fail(f"bad fault arguments: {' '.join(args)}")
     except ValueError:
         raise Fail(f"bad number in fault arguments: {' '.join(args)}")
+
+
+# The instance's boot (boot.sh) and login need these: faulting them would break the
+# simulator, not simulate a broken image.
+BOOT_PROGRAMS = {"sh", "dash", "mount", "sshd"}
+
+
+def _program(name):
+    """A program name as boot.sh globs it on the PATH: a plain file name, no pattern."""
+    if not re.fullmatch(r"[A-Za-z0-9_+][A-Za-z0-9._+-]*", name):
+        raise Fail(f"bad program name '{name}' (a file name on the PATH, e.g. blkid)")
+    if name in BOOT_PROGRAMS:
+        raise Fail(f"'{name}' is needed to boot the instance; it cannot be faulted")
+    return name
+
+
+def _arm_tool(d, key, prog, n):
+    armed = d.setdefault(key, {})  # {program: instance boots left}
+    armed[prog] = armed.get(prog, 0) + n
 
 
 def cmd_kill_sessions(sdir, name, args):

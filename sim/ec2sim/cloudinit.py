@@ -1,5 +1,5 @@
 """The part of cloud-init the simulator honours: `#cloud-config` user-data with
-ssh_authorized_keys and ssh_keys, and the host-key block it prints on the console."""
+ssh_authorized_keys, ssh_keys and bootcmd, and the host-key block it prints on the console."""
 import base64
 import subprocess
 import tempfile
@@ -62,6 +62,22 @@ def host_keys(cfg):
         if priv:
             out[t] = (str(priv), given.get(f"{t}_public"))
     return out
+
+
+def bootcmd_script(cfg):
+    """The /bin/sh script cloud-init's cc_bootcmd writes and runs (util.shellify): a string
+    entry is one line of shell, a list entry is argv, each word single-quoted. None if the
+    cloud-config has no bootcmd; entries of another type are skipped (cloud-init fails them)."""
+    cmds = cfg.get("bootcmd")
+    if not isinstance(cmds, list) or not cmds:
+        return None
+    lines = ["#!/bin/sh"]
+    for c in cmds:
+        if isinstance(c, (list, tuple)):
+            lines.append(" ".join("'" + str(a).replace("'", "'\\''") + "'" for a in c))
+        elif isinstance(c, str):
+            lines.append(c)
+    return "\n".join(lines) + "\n"
 
 
 def fingerprint(pub):

@@ -58,6 +58,21 @@ def take_no_python(sdir):
     return _take_one(sdir, "no_python")
 
 
+def take_tools(sdir, key):
+    """Uses up one boot of each program armed under key ("missing_tools" or
+    "broken_tools": {program: boots left}); returns those programs, sorted."""
+    def fn(d):
+        armed = d.get(key) or {}
+        taken = sorted(p for p, n in armed.items() if n > 0)
+        for p in taken:
+            armed[p] -= 1
+            if armed[p] <= 0:
+                del armed[p]
+        return taken
+
+    return update(sdir, fn)
+
+
 def _take_one(sdir, key):
     """Uses up one of a counted fault; True if there was one left."""
     def fn(d):

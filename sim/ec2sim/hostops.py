@@ -1,14 +1,20 @@
 """Host side of an instance: network namespace, veth, private mount namespace, sshd,
 loop devices and the device nodes the instance sees. No moto in here."""
+import fnmatch
 import os
+import selectors
 import shutil
 import signal
+import stat
 import subprocess
-import time
 
 from . import config
 
 SSHD = "/usr/sbin/sshd"
+INSTANCE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PATH_DIRS = INSTANCE_PATH.split(":")  # where a fault looks for a program (boot.sh's too)
+# A broken program (fault broken-tool): fails as blkid does on an I/O error (status 4).
+BROKEN_TOOL = '#!/bin/sh\necho "${0##*/}: simulated failure" >&2\nexit 4\n'
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Instance families that are Xen-based on EC2 (devices appear as /dev/xvdX); all others are Nitro (NVMe).
@@ -179,31 +185,85 @@ def unshape(ns, hv):
     run(["tc", "-n", ns, "qdisc", "del", "dev", "eth0", "root"], check=False)
 
 
-def start_sshd(ledger, idir, ns, hostname, uid, no_python=False):
+def write_image(idir, missing, broken):
+    """How the instance's image differs from the host's: programs missing (shell patterns,
+    e.g. python3*) or broken (names). For each PATH directory holding one, a layer under
+    INSTANCE_DIR/image that boot.sh mounts as an overlay above that directory: a whiteout (a
+    0/0 character device) hides a name, a failing script replaces one. Only that name:
+    a symlink's target and its other names stay (mkfs.ext4 broken leaves mke2fs working)."""
+    if not missing and not broken:
+        return
+    layers = {}
+    for d in PATH_DIRS:
+        real = os.path.realpath(d)
+        if real in layers or not os.path.isdir(real):
+            continue
+        names = os.listdir(real)
+        entries = {n: None for pat in missing for n in fnmatch.filter(names, pat)}
+        entries.update((n, BROKEN_TOOL) for n in broken if n in names)
+        if entries:
+            layers[real] = entries
+    for real, entries in layers.items():
+        top = os.path.join(idir, "image") + real
+        os.makedirs(top, exist_ok=True)
+        for name, script in entries.items():
+            path = os.path.join(top, name)
+            if script is None:
+                os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+            else:
+                with open(path, "w") as f:
+                    f.write(script)
+                os.chmod(path, 0o755)
+    if layers:
+        with open(os.path.join(idir, "image", "dirs"), "w") as f:
+            f.write("".join(d + "\n" for d in layers))
+
+
+def start_sshd(ledger, idir, ns, hostname, uid):
     """unshare (host pid P) forks PID 1 of a new pid namespace that becomes sshd -D.
     Killing that PID 1 kills every process of the instance, even daemonised ones.
-    no_python: the instance looks like an image without python3 (it is hidden)."""
+    Returns once boot.sh has made the instance's mounts (its private /dev above all, where
+    add_device puts volumes), before its bootcmd and sshd: the machine is up, its OS boots."""
+    booted = fifo(idir, "booted")  # boot.sh writes a line into it once its mounts are made
     log = open(os.path.join(idir, "boot.log"), "ab")
     args = ["nsenter", f"--net=/run/netns/{ns}", "--", "unshare", "--mount", "--uts", "--pid",
             "--fork", "--mount-proc", "--propagation", "private", "--",
-            "/bin/sh", os.path.join(HERE, "boot.sh"), idir, hostname, str(uid),
-            "no-python" if no_python else ""]
-    p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                         start_new_session=True)
-    log.close()
-    config.record_pid(ledger, p.pid, "unshare")
-    child = None
-    for _ in range(500):
-        child = children(p.pid)
-        if child:
-            break
-        if p.poll() is not None:
+            "/bin/sh", os.path.join(HERE, "boot.sh"), idir, hostname, str(uid)]
+    try:
+        # A clean environment, as a booting machine has: PATH as systemd's (sbin included,
+        # for a bootcmd's poweroff), and nothing of the caller's (its AWS keys above all).
+        p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                             start_new_session=True, env={"PATH": INSTANCE_PATH})
+        config.record_pid(ledger, p.pid, "unshare")
+        exited = os.pidfd_open(p.pid)
+        try:
+            with selectors.DefaultSelector() as sel:  # not select(): fds past 1024
+                sel.register(booted, selectors.EVENT_READ)
+                sel.register(exited, selectors.EVENT_READ)
+                ready = {key.fd for key, _ in sel.select(60)}
+        finally:
+            os.close(exited)
+        if booted not in ready or not os.read(booted, 64):
             raise RuntimeError("instance boot script exited early; see boot.log")
-        time.sleep(0.005)
+    finally:
+        os.close(booted)
+        log.close()
+    child = children(p.pid)  # boot.sh runs in it: unshare has forked
     if not child:
         raise RuntimeError("instance init process did not appear")
     config.record_pid(ledger, child[0], "init")
     return p, child[0]
+
+
+def fifo(idir, name):
+    """A root-only FIFO in the instance dir (inside: /run/ec2sim/NAME) through which the
+    instance tells the simulator something. Returns a non-blocking fd to select on, opened
+    read-write: the FIFO then never reads as hung up when a writer closes, and a writer's
+    open never blocks."""
+    path = os.path.join(idir, name)
+    if not os.path.exists(path):
+        os.mkfifo(path, 0o600)
+    return os.open(path, os.O_RDWR | os.O_NONBLOCK)
 
 
 def children(pid):
@@ -232,9 +292,17 @@ def kill_tree(pids):
 
 
 def kill_sessions(listener):
-    """Kill every per-connection sshd under the listener, with everything under them."""
+    """Kill every per-connection sshd under the listener, with everything under them.
+    The listener is the instance's PID 1, so what bootcmd left in the background is its
+    child too: only sshd children are sessions."""
     n = 0
     for c in children(listener):
+        try:
+            with open(f"/proc/{c}/comm") as f:
+                if not f.read().startswith("sshd"):
+                    continue
+        except OSError:
+            continue
         kill_tree([c] + descendants(c))
         n += 1
     return n

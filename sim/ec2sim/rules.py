@@ -1,16 +1,18 @@
 """EC2 rules moto 5.2.5 does not enforce, installed as class-level wrappers on the
 EC2 backend before the server starts. moto calls attach/detach/create_volume itself inside
 run_instances/terminate_instances (root volume): those internal calls pass untouched."""
+import copy
 import re
 import threading
 from contextlib import contextmanager
 
 from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.models import EC2Backend
-from moto.ec2.models.elastic_block_store import Volume
+from moto.ec2.models.elastic_block_store import Volume, VolumeAttachment
 from moto.ec2.models.instance_types import INSTANCE_TYPES
 from moto.ec2.models.instances import Instance
 from moto.ec2.responses.general import General
+from moto.ec2.responses.instances import InstanceResponse
 from moto.core.responses import ActionResult
 from moto.core.utils import utcnow
 from moto.ec2.utils import Base64EncodedString
@@ -97,19 +99,31 @@ def install(sim):
         return res
 
     def terminate_instances(self, instance_ids):
-        plan = []
+        """moto detaches the instance's volumes at once and deletes those marked
+        DeleteOnTermination; the simulator keeps the others `detaching` until its teardown
+        is done, then removes the deleted ones' files. An instance already shutting down or
+        terminated (by an earlier call, or by itself) is left as it is, as on EC2."""
+        plan, going, res = [], [], []
         for iid in instance_ids or []:
             mi = self.get_instance(iid)
-            vols = [(v, v.attachment) for v in self.volumes.values()
-                    if v.attachment and v.attachment.instance is mi
-                    and v.attachment.device in mi.block_device_mapping
-                    and not mi.block_device_mapping[v.attachment.device].delete_on_termination]
-            plan.append((mi, vols))
-        with internal():
-            res = orig["terminate_instances"](self, instance_ids)
-        for mi, vols in plan:
-            sim.terminate(mi, vols)
-        return res
+            if sim.going(mi.id):
+                going.append(mi)
+                continue
+            keep, drop = [], []
+            for v in list(self.volumes.values()):
+                att = v.attachment
+                if att and att.instance is mi and att.device in mi.block_device_mapping:
+                    if mi.block_device_mapping[att.device].delete_on_termination:
+                        drop.append(v.id)
+                    else:
+                        keep.append((v, att))
+            plan.append((mi, keep, drop))
+        if plan:
+            with internal():
+                res = orig["terminate_instances"](self, [mi.id for mi, _, _ in plan])
+        for mi, keep, drop in plan:
+            sim.terminate(mi, keep, drop)
+        return res + [(mi, copy.copy(mi._state)) for mi in going]
 
     def stop_instances(self, instance_ids):
         for iid in instance_ids:
@@ -256,6 +270,38 @@ def install(sim):
         with internal():
             orig_init(self, *a, **kw)
     EC2Backend.__init__ = backend_init
+
+    # --- DeleteOnTermination of volumes attached after launch -----------------
+    # moto keeps it on the instance's block device mapping only (AttachVolume makes it
+    # false, ModifyInstanceAttribute can change it): DescribeVolumes reads it from there.
+    def attachment_dot(self):
+        bdm = self.instance.block_device_mapping.get(self.device)
+        return bool(bdm is not None and bdm.volume_id == self.volume.id
+                    and bdm.delete_on_termination)
+    VolumeAttachment.delete_on_termination = property(attachment_dot)
+
+    orig_bdm_handler = InstanceResponse._block_device_mapping_handler
+
+    def block_device_mapping_handler(self):
+        """moto answers HTTP 500 (KeyError) for a device the instance does not have."""
+        mi = self.ec2_backend.get_instance(self._get_param("InstanceId"))
+        for m in self._get_param("BlockDeviceMappings", []):
+            dev = m.get("DeviceName")
+            if dev not in mi.block_device_mapping:
+                raise err("InvalidInstanceAttributeValue",
+                          f"No device is currently mapped at {dev}")
+        return orig_bdm_handler(self)
+    InstanceResponse._block_device_mapping_handler = block_device_mapping_handler
+
+    orig_describe_attr = InstanceResponse.describe_instance_attribute
+
+    def describe_instance_attribute(self):
+        """blockDeviceMapping: EC2 answers the list DescribeInstances has; moto, nothing."""
+        if self._get_param("Attribute") != "blockDeviceMapping":
+            return orig_describe_attr(self)
+        mi = self.ec2_backend.get_instance(self._get_param("InstanceId"))
+        return ActionResult({"InstanceId": mi.id, "BlockDeviceMappings": mi.block_device_mappings})
+    InstanceResponse.describe_instance_attribute = describe_instance_attribute
 
     # --- console: the host-key block cloud-init prints -----------------------
     def get_console_output(self):

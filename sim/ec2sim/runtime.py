@@ -1,11 +1,17 @@
 """The daemon's live view of its instances and devices, and the background work that
 moves EC2 objects through their transitional states while the host catches up."""
 import os
+import selectors
 import threading
 import time
 import traceback
 
 from . import cloudinit, config, faults, hostops
+
+
+# EC2's StateReason after a shutdown from inside the instance (poweroff on the helper).
+INSTANCE_INITIATED = ("Client.InstanceInitiatedShutdown",
+                      "Client.InstanceInitiatedShutdown: Instance initiated shutdown")
 
 
 def _set_state(mi, name, code):
@@ -14,11 +20,12 @@ def _set_state(mi, name, code):
 
 
 class Inst:
-    def __init__(self, iid, itype, idx, addr):
+    def __init__(self, iid, itype, idx, addr, backend, mi):
         self.id, self.type, self.idx, self.addr = iid, itype, idx, addr
+        self.backend, self.mi = backend, mi  # for a shutdown the instance starts itself
         self.lock = threading.Lock()  # serialises boot/attach/detach/teardown of one instance
         self.stop_evt = threading.Event()
-        self.init_pid = None
+        self.init_pid = self.init_start = None
         self.proc = None
         self.ns = self.hv = None
         self.devices = {}  # vol_id -> {dev, node, links, minor, file}
@@ -26,7 +33,6 @@ class Inst:
         self.hostname = "ip-" + addr.replace(".", "-")
         self.idir = None
         self.uid = None
-        self.no_python = False  # boots as an image without python3 (fault no-python)
 
 
 class Sim:
@@ -72,7 +78,7 @@ class Sim:
         with self.lock:
             idx = self.free_slots.pop(0)
         _, addr = config.addresses(self.cfg["block"], idx)
-        inst = Inst(mi.id, mi.instance_type, idx, addr)
+        inst = Inst(mi.id, mi.instance_type, idx, addr, backend, mi)
         self.insts[mi.id] = inst
         mi._sim_addr = addr
         _set_state(mi, "pending", 0)
@@ -82,13 +88,17 @@ class Sim:
             keys.append(_public_key(kp))
         cfg = cloudinit.parse_user_data(cloudinit.decode_user_data(mi.user_data))
         keys += cloudinit.authorized_keys(cfg)
-        self.later(self._boot, inst, mi, keys, cloudinit.host_keys(cfg), time.time())
+        self.later(self._boot, inst, mi, keys, cloudinit.host_keys(cfg),
+                   cloudinit.bootcmd_script(cfg), time.time())
 
-    def _boot(self, inst, mi, keys, given_hostkeys, t0):
+    def _boot(self, inst, mi, keys, given_hostkeys, bootcmd, t0):
         f = faults.load(self.sdir)
         delay = float(f.get("boot_delay", self.boot_delay))
         never = faults.take_never_boot(self.sdir)
-        inst.no_python = faults.take_no_python(self.sdir)
+        missing = faults.take_tools(self.sdir, "missing_tools")
+        if faults.take_no_python(self.sdir):
+            missing.append("python3*")
+        broken = faults.take_tools(self.sdir, "broken_tools")
         with inst.lock:
             if inst.stop_evt.is_set():
                 return
@@ -99,6 +109,8 @@ class Sim:
             hostops.write_sshd_config(inst.idir, types)
             with open(os.path.join(inst.idir, "authorized_keys"), "w") as fh:
                 fh.write("".join(k.strip() + "\n" for k in keys))
+            hostops.write_image(inst.idir, missing, broken)
+            _write_bootcmd(inst.idir, bootcmd)
             inst.ns, inst.hv, _ = hostops.make_net(self.ledger, self.cfg["tag"],
                                                    self.cfg["block"], inst.idx, f.get("link"))
             self._write_info(inst)
@@ -114,28 +126,105 @@ class Sim:
                 _set_state(mi, "running", 16)
 
     def _start_sshd(self, inst):
-        inst.proc, inst.init_pid = hostops.start_sshd(self.ledger, inst.idir, inst.ns,
-                                                      inst.hostname, inst.uid,
-                                                      inst.no_python)
+        """Boots the instance's OS (boot.sh, then sshd) and watches it end (_watch)."""
+        power = hostops.fifo(inst.idir, "power")
+        try:
+            inst.proc, inst.init_pid = hostops.start_sshd(self.ledger, inst.idir, inst.ns,
+                                                          inst.hostname, inst.uid)
+        except BaseException:
+            os.close(power)
+            raise
+        inst.init_start = config.pid_start(inst.init_pid)
         self._write_info(inst)
+        self.later(self._watch, inst, inst.proc, power)
+
+    def _boot_os(self, inst):
+        """Starts the instance's OS again (start, reboot), with its volumes: the new mount
+        namespace lacks their nodes. The caller holds inst.lock."""
+        self._start_sshd(inst)
+        for vid, d in inst.devices.items():
+            hostops.add_device(inst.init_pid, d["node"], d["minor"], d["links"])
+
+    @staticmethod
+    def _os_up(inst):
+        """The instance's PID 1 still runs. Once it has ended by itself its pid may be
+        reused by a host process: never kill or enter that one."""
+        return config.pid_alive(inst.init_pid, inst.init_start)
 
     def _write_info(self, inst):
         config.write_json(os.path.join(inst.idir, "info.json"), {
             "id": inst.id, "type": inst.type, "ns": inst.ns, "veth": inst.hv,
-            "address": inst.addr, "init_pid": inst.init_pid,
-            "init_start": config.pid_start(inst.init_pid) if inst.init_pid else None})
+            "address": inst.addr, "init_pid": inst.init_pid, "init_start": inst.init_start})
 
     def _kill(self, inst):
-        if inst.init_pid and config.pid_start(inst.init_pid):
+        if inst.proc is not None:
+            inst.proc.sim_killed = True  # for its watcher: not a shutdown of the instance's own
+        if self._os_up(inst):
             hostops.kill_tree([inst.init_pid])  # PID 1 of the pid namespace: takes all with it
         if inst.proc is not None:
             try:
                 inst.proc.wait(timeout=10)
             except Exception:
                 pass
-        inst.init_pid = inst.proc = None
+        inst.init_pid = inst.init_start = inst.proc = None
 
-    def terminate(self, mi, vols):
+    # ---- the instance's own shutdown (poweroff on the helper) ------------------
+    def _watch(self, inst, proc, power):
+        """Waits until the instance's OS ends: its power shim (power.sh) writes `poweroff`
+        or `reboot` into the FIFO, or its PID 1 exits by itself (root ran `kill 1`, or a raw
+        reboot(2), which in a pid namespace ends only that namespace's init). Both are the
+        instance shutting itself down, unless the simulator killed it (_kill)."""
+        exited = os.pidfd_open(proc.pid)  # our child, not yet reaped: its pid is not reused
+        why = None
+        try:
+            with selectors.DefaultSelector() as sel:
+                sel.register(power, selectors.EVENT_READ)
+                sel.register(exited, selectors.EVENT_READ)
+                while why is None:
+                    ready = {key.fd for key, _ in sel.select()}
+                    if power in ready:
+                        words = os.read(power, 4096).decode("ascii", "replace").split()
+                        why = next((w for w in words if w in ("poweroff", "reboot")), None)
+                    if why is None and exited in ready:
+                        why = "poweroff"
+        finally:
+            os.close(exited)
+            os.close(power)
+        self._shut_down(inst, proc, why)
+
+    def _shut_down(self, inst, proc, why):
+        """As EC2 does when an instance shuts itself down: with InstanceInitiatedShutdown-
+        Behavior terminate, the TerminateInstances path (DeleteOnTermination volumes go);
+        with stop (EC2's default), stopped; a reboot keeps it running, volumes attached."""
+        with inst.lock:  # after a boot in progress has set `running`
+            if getattr(proc, "sim_killed", False) or inst.proc is not proc or inst.gone:
+                return
+            print(f"{inst.id}: instance-initiated {why}", flush=True)
+            if why == "reboot":
+                self._kill(inst)
+                self._boot_os(inst)
+                return
+        mi = inst.mi
+        if mi.instance_initiated_shutdown_behavior == "terminate":
+            # Termination protection guards the API only, not a shutdown from inside.
+            protected, mi.disable_api_termination = mi.disable_api_termination, False
+            try:
+                inst.backend.terminate_instances([inst.id])
+            finally:
+                mi.disable_api_termination = protected
+        else:
+            mi.stop()  # moto's model, not StopInstances: that refuses a `pending` instance
+            self.stop(mi)
+        mi.state_reason.code, mi.state_reason.message = INSTANCE_INITIATED
+
+    def going(self, iid):
+        """True once the instance is shutting down or terminated."""
+        inst = self.insts.get(iid)
+        return inst is not None and inst.gone
+
+    def terminate(self, mi, vols, drop=()):
+        """vols: (volume, attachment) pairs kept (detaching, then available); drop: ids of
+        the volumes deleted with the instance (DeleteOnTermination), whose files go too."""
         inst = self.insts.get(mi.id)
         if inst is None or inst.gone:
             return
@@ -145,16 +234,19 @@ class Sim:
         for v, att in vols:
             att.status = "detaching"
             v.attachment = att
-        self.later(self._teardown, inst, mi, vols)
+        self.later(self._teardown, inst, mi, vols, drop)
 
-    def _teardown(self, inst, mi, vols):
+    def _teardown(self, inst, mi, vols, drop):
         with inst.lock:
             for vid, d in list(inst.devices.items()):
-                hostops.remove_device(inst.init_pid, d["node"], d["minor"], d["links"])
+                if self._os_up(inst):
+                    hostops.remove_device(inst.init_pid, d["node"], d["minor"], d["links"])
             self._kill(inst)
             for vid, d in list(inst.devices.items()):
                 hostops.loop_detach(d["dev"], d["file"])
             inst.devices.clear()
+            for vid in drop:  # their loop devices are gone: the bytes can go too
+                self.deleted(vid)
             if inst.ns:
                 hostops.delete_net(inst.ns, inst.hv)
             hostops.remove_tree(inst.idir or "/nonexistent")
@@ -185,9 +277,7 @@ class Sim:
         def work():
             time.sleep(self.state_delay)
             with inst.lock:
-                self._start_sshd(inst)
-                for vid, d in inst.devices.items():  # the new mount namespace lacks the nodes
-                    hostops.add_device(inst.init_pid, d["node"], d["minor"], d["links"])
+                self._boot_os(inst)
             _set_state(mi, "running", 16)  # sshd answers a moment later, as at launch
         self.later(work)
 
@@ -211,7 +301,7 @@ class Sim:
                 d = {"dev": dev, "node": node, "links": links, "minor": hostops.loop_minor(dev),
                      "file": vfile, "nvme": None if hostops.is_xen(inst.type) else n}
                 inst.devices[vol.id] = d
-                if inst.init_pid:
+                if self._os_up(inst):
                     hostops.add_device(inst.init_pid, node, d["minor"], links)
             if vol.attachment is att:
                 att.status = "attached"
@@ -227,7 +317,9 @@ class Sim:
                 with inst.lock:
                     d = inst.devices.pop(vol.id, None)
                     if d:
-                        hostops.remove_device(inst.init_pid, d["node"], d["minor"], d["links"])
+                        if self._os_up(inst):
+                            hostops.remove_device(inst.init_pid, d["node"], d["minor"],
+                                                  d["links"])
                         hostops.loop_detach(d["dev"], d["file"])
             time.sleep(self.state_delay)
             if vol.attachment is att:
@@ -267,6 +359,14 @@ class Sim:
         inst = self.insts.get(iid)
         keys = hostops.host_pubkeys(inst.idir) if inst and inst.idir else []
         return cloudinit.console_text(iid, inst.hostname if inst else "localhost", keys)
+
+
+def _write_bootcmd(idir, bootcmd):
+    """The cloud-config bootcmd script boot.sh runs (root-only, as cloud-init keeps it)."""
+    if bootcmd:
+        fd = os.open(os.path.join(idir, "bootcmd"), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o700)
+        with os.fdopen(fd, "w") as f:
+            f.write(bootcmd)
 
 
 def _public_key(kp):

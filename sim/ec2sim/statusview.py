@@ -10,6 +10,9 @@ from moto.ec2.models import ec2_backends
 
 PATH = "/_ec2sim/status"
 REGION = "us-east-1"  # the region the exports name; the only one status ever reported
+# An instance's "shutdown": who stopped or terminated it, from EC2's StateReason code.
+SHUTDOWN = {"Client.InstanceInitiatedShutdown": "instance-initiated",
+            "Client.UserInitiatedShutdown": "user-initiated"}
 
 
 def _tags(backend, rid):
@@ -22,13 +25,15 @@ def _snapshot(backend, sdir):
            "key_pairs": []}
     for res in list(backend.reservations.values()):
         for mi in list(res.instances):
+            reason = getattr(mi.state_reason, "code", None) or None
             out["instances"].append({
                 "id": mi.id, "state": mi._state.name, "type": mi.instance_type,
                 "zone": mi._placement.zone, "address": mi.public_ip or None,
                 "image": mi.image_id, "key_name": mi.key_name or None,
                 "tags": _tags(backend, mi.id),
                 "security_groups": [g if isinstance(g, str) else g.id
-                                    for g in list(mi.security_groups or [])]})
+                                    for g in list(mi.security_groups or [])],
+                "state_reason": reason, "shutdown": SHUTDOWN.get(reason)})
     for v in list(backend.volumes.values()):
         f = os.path.join(sdir, "volumes", v.id + ".img")
         att = v.attachment
@@ -37,7 +42,9 @@ def _snapshot(backend, sdir):
             "encrypted": bool(v.encrypted), "file": f if os.path.exists(f) else None,
             "tags": _tags(backend, v.id),
             "attachments": [{"instance": att.instance.id, "device": att.device,
-                             "state": att.status}] if att else []})
+                             "state": att.status,
+                             "delete_on_termination": att.delete_on_termination}]
+            if att else []})
     for s in list(backend.snapshots.values()):
         vol = s.volume
         out["snapshots"].append({"id": s.id, "state": s.status,

@@ -1,5 +1,6 @@
 """Control-plane rules, instances, devices, user-data and snapshots."""
 import base64
+import json
 import os
 import subprocess
 import time
@@ -192,6 +193,58 @@ def test_user_data_keys(sim, tmp_path):
     sim.ec2.terminate_instances(InstanceIds=[inst["InstanceId"]])
 
 
+BOOTCMD = """#cloud-config
+bootcmd:
+  - echo "uid $(id -u) in $INSTANCE_ID" > /run/bootcmd-string
+  - [sh, -c, 'printf "%s|" "$@" > /run/bootcmd-argv', sh, "it's", "two words"]
+  - readlink /proc/self/fd/0 > /run/bootcmd-stdin
+  - echo to-the-boot-log
+  - false
+  - setsid sh -c 'exec sleep 1000' &
+  - sleep 0.5; touch /run/bootcmd-last
+  - exit 3
+"""
+
+
+def _host_pids(ns, argv):
+    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+    found = []
+    for pid in out.split():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().split(b"\0")[:-1] == argv:
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def test_bootcmd_runs_before_sshd_and_what_it_starts_dies_with_the_instance(sim):
+    """cloud-config bootcmd as cloud-init runs it: root, before sshd, strings as shell lines
+    and lists as argv, stdin /dev/null, output and failures in the boot log (the boot goes
+    on). A command it backgrounds keeps running inside the instance, survives kill-sessions,
+    and ends with the instance."""
+    inst = sim.launch("t3.nano", UserData=BOOTCMD)
+    iid = inst["InstanceId"]
+    r = sim.ssh(inst, "cat /run/bootcmd-string /run/bootcmd-argv /run/bootcmd-stdin; echo; "
+                "test -e /run/bootcmd-last && echo last-ran; pgrep -x sleep")
+    lines = r.stdout.splitlines()
+    assert lines[:4] == [f"uid 0 in {iid}", "it's|two words|/dev/null", "", "last-ran"], lines
+    assert len(lines) == 5  # the background sleep, seen inside
+    idir = os.path.join(sim.state_dir, "instances", iid)
+    log = open(os.path.join(idir, "boot.log")).read()
+    assert "to-the-boot-log" in log and "bootcmd exited with status 3" in log
+    ns = json.load(open(os.path.join(idir, "info.json")))["ns"]
+    pids = _host_pids(ns, [b"sleep", b"1000"])
+    assert len(pids) == 1
+    sim.run("kill-sessions")
+    assert _host_pids(ns, [b"sleep", b"1000"]) == pids
+    sim.ec2.terminate_instances(InstanceIds=[iid])
+    sim.wait_instance(iid, "terminated")
+    assert not os.path.exists(f"/proc/{pids[0]}") or \
+        open(f"/proc/{pids[0]}/cmdline", "rb").read() != b"sleep\x001000\x00"
+
+
 def test_snapshot_copy_and_restore(sim, nitro):
     vid = new_volume(sim)
     path = sim.run("volume-file", vid).strip()
@@ -225,8 +278,9 @@ def test_status_shape(sim, nitro):
     assert set(st) == {"instances", "volumes", "snapshots", "security_groups", "key_pairs"}
     i = next(x for x in st["instances"] if x["id"] == nitro["InstanceId"])
     assert set(i) == {"id", "state", "type", "zone", "address", "image", "key_name", "tags",
-                      "security_groups"}
+                      "security_groups", "state_reason", "shutdown"}
     assert i["address"] == nitro["PublicIpAddress"] and i["state"] == "running"
+    assert i["state_reason"] is None and i["shutdown"] is None
     assert i["security_groups"] == [g["GroupId"] for g in nitro["SecurityGroups"]]
     v = st["volumes"][0]
     assert set(v) == {"id", "state", "size", "zone", "encrypted", "file", "tags", "attachments"}

@@ -113,3 +113,46 @@ def test_kill_sessions(sim):
     sim.run("kill-sessions")
     assert p.wait(timeout=10) == 255
     sim.ssh(inst, "true", known=known)  # the listener survives
+
+
+TOOL_PROBE = ("for p in blkid wipefs lsblk; do "
+              "if command -v $p >/dev/null; then echo $p:present; else echo $p:absent; fi; done; "
+              "sh -c \"command -v wipefs || echo wipefs:absent-for-sh\"; "
+              "blkid /dev/null; echo blkid-rc=$?; /sbin/blkid -V >/dev/null; "
+              "echo sbin-blkid-rc=$?")
+
+
+def probe_tools(sim, inst):
+    # As root's PATH has them (/usr/sbin), with bash's `command -v`, which, unlike dash's,
+    # finds a non-executable file too: a missing program must not be there at all.
+    r = sim.ssh(inst, f"sudo bash -c '{TOOL_PROBE}'")
+    return r.stdout.split(), r.stderr
+
+
+def test_missing_and_broken_tools(sim):
+    sim.run("fault", "broken-tool", "blkid")
+    sim.run("fault", "missing-tool", "wipefs", "2")
+    a = sim.launch("t3.nano")  # blkid broken, wipefs missing
+    b = sim.launch("t3.nano")  # wipefs missing
+    sim.run("fault", "missing-tool", "lsblk")
+    sim.run("fault", "clear")
+    c = sim.launch("t3.nano")  # as the host
+    out, err = probe_tools(sim, a)
+    assert out == ["blkid:present", "wipefs:absent", "lsblk:present", "wipefs:absent-for-sh",
+                   "blkid-rc=4", "sbin-blkid-rc=4"], out
+    assert err.count("blkid: simulated failure") == 2
+    out, err = probe_tools(sim, b)
+    assert out == ["blkid:present", "wipefs:absent", "lsblk:present", "wipefs:absent-for-sh",
+                   "blkid-rc=2", "sbin-blkid-rc=0"], out  # blkid finds nothing on /dev/null
+    out, err = probe_tools(sim, c)
+    assert "wipefs:present" in out and "lsblk:present" in out and "blkid-rc=2" in out
+    # Only the faulted name: mkfs.ext4 is a symlink to mke2fs, which stays whole.
+    sim.run("fault", "broken-tool", "mkfs.ext4")
+    d = sim.launch("t3.nano")
+    r = sim.ssh(d, "sudo mkfs.ext4 -V; echo rc=$?; sudo mke2fs -V >/dev/null 2>&1; echo rc=$?")
+    assert r.stdout.split() == ["rc=4", "rc=0"] and "mkfs.ext4: simulated failure" in r.stderr
+    for bad in (["missing-tool", "a/b"], ["broken-tool", "*"], ["broken-tool", "sh"],
+                ["missing-tool"], ["broken-tool", "blkid", "x"]):
+        r = sim.run("fault", *bad, check=False)
+        assert r.returncode == 1 and r.stderr.startswith("ec2sim: "), (bad, r.stderr)
+    sim.ec2.terminate_instances(InstanceIds=[i["InstanceId"] for i in (a, b, c, d)])
