@@ -29,8 +29,11 @@ Environment:
                            this machine's public address, from checkip.amazonaws.com)
   AWS_PROFILE, AWS_REGION, AWS_ENDPOINT_URL, ...  the standard AWS configuration
 
-Other commands:
-  ec2-backup gc [--yes]    find (and remove) what killed runs left behind
+Other commands (a directory named like one is backed up as ./NAME):
+  ec2-backup restore SOURCE DIR|-   bring a backup back (or a dd archive to stdout)
+  ec2-backup verify SOURCE DIR      prove a backup holds exactly DIR (exit 5: it does not)
+  ec2-backup list [--json]          the backups in the region
+  ec2-backup gc [--yes]             find (and remove) what killed runs left behind
 
 Exit status: 0 done; 1 failed (cleaned up); 2 bad input (nothing created);
 3 some files unreadable or changed while read (the rest is on the printed volume);
@@ -44,7 +47,7 @@ Exit status: 0 done; 1 failed (cleaned up); 2 bad input (nothing created);
     name = "ec2-backup",
     version,
     about = "Back up a directory into an Amazon EBS volume",
-    override_usage = "ec2-backup [-h] [-m method] [-v volume-id] [--overwrite] [--json] [--dry-run] dir\n       ec2-backup gc [--yes] [--older-than HOURS]\n       ec2-backup --version",
+    override_usage = "ec2-backup [-h] [-m method] [-v volume-id] [--overwrite] [--json] [--dry-run] dir\n       ec2-backup restore SOURCE DIR|- [--path SUB]...\n       ec2-backup verify SOURCE DIR\n       ec2-backup list [--json]\n       ec2-backup gc [--yes] [--older-than HOURS]\n       ec2-backup --version",
     long_about = ABOUT,
     after_help = AFTER,
     args_conflicts_with_subcommands = true,
@@ -60,7 +63,62 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    Restore(RestoreArgs),
+    Verify(VerifyArgs),
+    List(ListArgs),
     Gc(GcArgs),
+}
+
+/// `ec2-backup restore SOURCE DIR|- [--path SUB]...`
+#[derive(Debug, Args)]
+#[command(
+    about = "Bring a backup back into a directory (or a dd archive to stdout)",
+    long_about = "Bring a backup back: SOURCE is a backup volume's ID (either method). DIR is \
+made, or must be empty. Run as root to get owners back. The volume is only read (read-only \
+device, read-only mount). With DIR '-', a dd backup's tar archive goes to stdout, for \
+'| tar -t' or '| tar -x'. A dd archive's SHA-256 is checked against its tag as it streams."
+)]
+pub struct RestoreArgs {
+    /// The backup: a volume ID
+    #[arg(value_name = "SOURCE")]
+    pub source: String,
+
+    /// Where to restore to (made, or empty), or - for a dd archive on stdout
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+
+    /// Restore only this path of the backup (relative to its root; repeatable)
+    #[arg(long = "path", value_name = "SUB")]
+    pub paths: Vec<PathBuf>,
+}
+
+/// `ec2-backup verify SOURCE DIR`
+#[derive(Debug, Args)]
+#[command(
+    about = "Prove that a backup holds exactly a directory",
+    long_about = "Prove, trusting no tag, timestamp or size, that the backup SOURCE holds \
+exactly DIR: contents (dd: byte for byte; rsync: whole-file checksums), type, mode, owners, \
+mtimes, link targets, hard links, entries only on one side. One line per difference on stdout \
+('WHAT: ./PATH', names C-escaped). Exit 0: identical; 5: they differ; 1: could not check."
+)]
+pub struct VerifyArgs {
+    /// The backup: a volume ID
+    #[arg(value_name = "SOURCE")]
+    pub source: String,
+
+    /// The directory to compare it with
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+}
+
+/// `ec2-backup list [--json]`
+#[derive(Debug, Args)]
+#[command(about = "List the backups in the region, newest first")]
+pub struct ListArgs {
+    /// One JSON array of objects (id, kind, method, source_host, source_dir, finished,
+    /// size_gib, bytes, complete)
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The backup: `ec2-backup [-m method] [-v volume-id] dir`.

@@ -21,6 +21,8 @@ pub mod exit {
     pub const INCOMPLETE: i32 = 3;
     /// The run failed and cleanup could not remove everything it created (listed on stderr).
     pub const LEFTOVERS: i32 = 4;
+    /// `verify`: the backup and the directory differ (each difference on stdout).
+    pub const DIFFERENT: i32 = 5;
 }
 
 #[derive(Debug, Error)]

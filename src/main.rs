@@ -5,9 +5,10 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::Parser;
-use ec2_backup::cli::{Cli, Command, GcArgs};
+use ec2_backup::cli::{Cli, Command, GcArgs, RestoreArgs, VerifyArgs};
 use ec2_backup::commands::backup::{self, Done};
 use ec2_backup::commands::gc::{self, GcOptions};
+use ec2_backup::commands::{list, restore, verify};
 use ec2_backup::error::{exit, sentence, Error};
 use ec2_backup::output;
 use ec2_backup::report::say;
@@ -34,6 +35,13 @@ fn main() -> ExitCode {
         match cli.command {
             None => run_backup(cli.backup).await,
             Some(Command::Gc(args)) => run_gc(args).await,
+            Some(Command::Restore(args)) => run_restore(args).await,
+            Some(Command::Verify(args)) => run_verify(args).await,
+            Some(Command::List(args)) => match list::run().await {
+                Ok(entries) if args.json => print_or_fail(&list::json(&entries)),
+                Ok(entries) => print_or_fail(&list::table(&entries)),
+                Err(e) => fail(&e.to_string(), e.exit_code()),
+            },
         }
     });
     // A blocking task still stuck (a read in a hung mount) must not keep the process alive.
@@ -109,6 +117,68 @@ fn failed(error: Error, leftovers: &[String]) -> ExitCode {
         );
     }
     fail(&message, code)
+}
+
+async fn run_restore(args: RestoreArgs) -> ExitCode {
+    let to_stdout = args.dir.as_os_str() == "-";
+    let options = restore::Options {
+        source: args.source,
+        dir: (!to_stdout).then_some(args.dir),
+        paths: args.paths.into_iter().map(|p| p.into_os_string()).collect(),
+    };
+    let dir = options.dir.clone();
+    match restore::run(options).await {
+        Ok(done) if !done.leftovers.is_empty() => fail(
+            &format!(
+                "the restore is complete, but cleanup could not finish: {}; remove them by hand",
+                done.leftovers.join(", ")
+            ),
+            exit::LEFTOVERS,
+        ),
+        Ok(done) if done.owners_lost => fail(
+            &format!(
+                "restored into {}, but not as root: the files belong to you, not to their recorded owners (run as root to keep them)",
+                dir.unwrap_or_default().display()
+            ),
+            exit::INCOMPLETE,
+        ),
+        Ok(_) => ExitCode::SUCCESS,
+        Err(failure) => failed(failure.error, &failure.leftovers),
+    }
+}
+
+async fn run_verify(args: VerifyArgs) -> ExitCode {
+    let options = verify::Options {
+        source: args.source,
+        dir: args.dir,
+    };
+    match verify::run(options).await {
+        Ok(done) => {
+            for line in &done.differences {
+                if print(line).is_err() {
+                    return ExitCode::from(exit::FAILED as u8);
+                }
+            }
+            // A difference outranks a cleanup that could not finish: the answer is the
+            // point of the command (the leftovers are named either way).
+            if !done.leftovers.is_empty() {
+                say(&format!(
+                    "ec2-backup: cleanup could not finish: {}; remove them by hand.",
+                    done.leftovers.join(", ")
+                ));
+            }
+            match (done.differences.is_empty(), done.leftovers.is_empty()) {
+                (false, _) => fail(
+                    &format!("{} differences (listed on stdout)", done.differences.len()),
+                    exit::DIFFERENT,
+                ),
+                (true, false) => ExitCode::from(exit::LEFTOVERS as u8),
+                (true, true) => ExitCode::SUCCESS,
+            }
+        }
+        // Could not check: 1, whatever kind of failure (a usage error keeps its 2).
+        Err(failure) => failed(failure.error, &failure.leftovers),
+    }
 }
 
 async fn run_gc(args: GcArgs) -> ExitCode {

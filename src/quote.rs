@@ -46,6 +46,24 @@ pub fn rsh_word(word: &str) -> Result<String, QuoteError> {
     }
 }
 
+/// A path as one printable line: C-style escapes for a backslash, control bytes and bytes
+/// that are not printable ASCII (`\n`, `\t`, `\ooo`), so that no name can forge a line of
+/// its own in line-based output.
+pub fn c_escape(path: &std::path::Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::new();
+    for &b in path.as_os_str().as_bytes() {
+        match b {
+            b'\\' => out.push_str("\\\\"),
+            b'\n' => out.push_str("\\n"),
+            b'\t' => out.push_str("\\t"),
+            0x20..=0x7e => out.push(b as char),
+            _ => out.push_str(&format!("\\{b:03o}")),
+        }
+    }
+    out
+}
+
 /// Escapes the wildcard characters of a path so that tar's and rsync's exclude patterns
 /// match it literally.
 pub fn glob_escape(path: &str) -> String {
@@ -62,6 +80,16 @@ pub fn glob_escape(path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn c_escape_keeps_every_name_on_one_line() {
+        use std::os::unix::ffi::OsStrExt;
+        let p = std::path::Path::new(std::ffi::OsStr::from_bytes(b"./a\nb\\c\xff d\x01"));
+        assert_eq!(c_escape(p), "./a\\nb\\\\c\\377 d\\001");
+        // What tar prints for a name, unescaped and escaped again, is what tar printed.
+        let tar = "./a\\nb c\\\\d\\377";
+        assert_eq!(c_escape(&crate::method::dd::unescape(tar)), tar);
+    }
     use std::process::Command;
 
     /// The real proof: sh must split the quoted string back into the same words.

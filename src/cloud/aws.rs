@@ -580,6 +580,7 @@ impl Cloud for AwsCloud {
                         .launch_time()
                         .and_then(|t| chrono::DateTime::from_timestamp(t.secs(), 0))
                         .map(|t| t.to_rfc3339()),
+                    size_gib: None,
                 })
                 .collect(),
             ResourceKind::Volume => self
@@ -598,6 +599,7 @@ impl Cloud for AwsCloud {
                     state: state(v.state().map(|s| s.as_str())),
                     tags: tag_map(v.tags()),
                     launched: None,
+                    size_gib: v.size(),
                 })
                 .collect(),
             ResourceKind::SecurityGroup => self
@@ -616,6 +618,7 @@ impl Cloud for AwsCloud {
                     state: "available".to_string(),
                     tags: tag_map(g.tags()),
                     launched: None,
+                    size_gib: None,
                 })
                 .collect(),
         })

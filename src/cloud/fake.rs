@@ -357,6 +357,7 @@ impl Cloud for FakeCloud {
                         state: v.state.clone(),
                         tags: v.tags.clone(),
                         launched: None,
+                        size_gib: Some(v.size_gib),
                     })
                     .collect(),
                 ResourceKind::SecurityGroup => s
@@ -368,6 +369,7 @@ impl Cloud for FakeCloud {
                         state: "available".into(),
                         tags: t.clone(),
                         launched: None,
+                        size_gib: None,
                     })
                     .collect(),
                 ResourceKind::Instance => Vec::new(),

@@ -151,6 +151,8 @@ pub struct Tagged {
     pub tags: std::collections::BTreeMap<String, String>,
     /// When an instance was launched (RFC 3339); None for other resources.
     pub launched: Option<String>,
+    /// A volume's size; None for other resources.
+    pub size_gib: Option<i32>,
 }
 
 /// CPU architecture of an instance type, as EC2 and the Amazon Linux parameters spell it.

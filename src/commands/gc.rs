@@ -319,6 +319,7 @@ mod copy_tests {
             state: "running".into(),
             tags: [(crate::tags::key::CREATED.to_string(), created.to_string())].into(),
             launched: launched.map(str::to_string),
+            size_gib: None,
         }
     }
 

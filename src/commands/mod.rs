@@ -4,3 +4,7 @@
 
 pub mod backup;
 pub mod gc;
+pub mod list;
+pub mod restore;
+pub mod source;
+pub mod verify;

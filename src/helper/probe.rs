@@ -111,7 +111,8 @@ impl Content {
         }
     }
 
-    fn describe(&self) -> String {
+    /// What it holds, as a user reads it ("a filesystem (xfs)").
+    pub fn describe(&self) -> String {
         match self {
             Content::Blank => "nothing".into(),
             Content::Tar => "a tar archive".into(),

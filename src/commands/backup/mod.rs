@@ -150,7 +150,7 @@ impl Job {
 }
 
 /// Bytes, rate and ETA on stderr, drawn only when stderr is a terminal.
-fn progress_bar(total: u64) -> indicatif::ProgressBar {
+pub(crate) fn progress_bar(total: u64) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::with_draw_target(
         Some(total),
         indicatif::ProgressDrawTarget::stderr(),

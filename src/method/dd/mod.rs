@@ -12,9 +12,11 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use tokio::process::Command;
 
-use super::wire::{self, Wire, SAMPLE};
-use super::{MethodError, Source, Transfer};
+pub mod read;
+
 use crate::helper::ssh::{describe_failure, detach_from_terminal_signals, Session};
+use crate::method::wire::{self, Wire, SAMPLE};
+use crate::method::{MethodError, Source, Transfer};
 use crate::quote::glob_escape;
 
 /// Writes stdin (decompressed first when $2 is zstd) to the device $1 and fsyncs it. With
@@ -175,7 +177,7 @@ pub fn torn_member(line: &str, root: &std::path::Path) -> Option<std::path::Path
 }
 
 /// Undoes tar's `escape` quoting: backslash escapes and three-digit octal bytes.
-fn unescape(quoted: &str) -> std::path::PathBuf {
+pub fn unescape(quoted: &str) -> std::path::PathBuf {
     use std::os::unix::ffi::OsStringExt;
     let b = quoted.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -244,7 +246,7 @@ pub async fn backup(
         program: "tar",
         source: e,
     })?;
-    super::widen_pipe(&from_tar);
+    crate::method::widen_pipe(&from_tar);
     // The command (and with it this process's copy of the pipe's write end) is dropped once
     // tar runs, so that tar's exit is the end of the stream.
     let mut tar = {
@@ -289,7 +291,7 @@ pub async fn backup(
         program: "ssh",
         source: e,
     })?;
-    super::widen_pipe(&to_helper);
+    crate::method::widen_pipe(&to_helper);
     let writer = ssh
         .command(&[
             "sudo",
@@ -529,7 +531,7 @@ impl Pump {
         let Ok((mut copies, copies_in)) = std::io::pipe() else {
             return self.copy();
         };
-        super::widen_pipe(&copies_in);
+        crate::method::widen_pipe(&copies_in);
         let mut buf = vec![0u8; 1 << 20];
         loop {
             // SAFETY: tee and splice take descriptors this thread owns and no memory.

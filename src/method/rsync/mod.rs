@@ -18,8 +18,10 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use super::{MethodError, Source, Transfer};
+pub mod read;
+
 use crate::helper::ssh::{describe_failure, detach_from_terminal_signals, Session};
+use crate::method::{MethodError, Source, Transfer};
 use crate::quote::glob_escape;
 use crate::report::say;
 

@@ -1,0 +1,247 @@
+//! `ec2-backup verify SOURCE DIR`: proves, trusting no tag, timestamp or size, that the backup
+//! holds exactly DIR. dd: the archive streams back from the device into GNU tar's `--compare`
+//! (file contents byte for byte, type, mode, owner, group, mtime, link targets, hard links),
+//! the members it read are held against a walk of DIR (entries only in DIR), and the whole
+//! archive's SHA-256 against its tag. rsync: a dry run from DIR onto the read-only mount with
+//! whole-file checksums itemizes every difference, entries on either side only included.
+//!
+//! One line per difference on stdout, `WHAT: PATH` with the path relative to DIR as `./…`,
+//! C-escaped (a newline or control byte in a name cannot forge a line).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use crate::commands::source::{self, Failed};
+use crate::error::Error;
+use crate::method::{dd, rsync, Method, MethodError};
+use crate::quote::c_escape;
+
+pub struct Options {
+    pub source: String,
+    pub dir: PathBuf,
+}
+
+/// What verify found: the differences (empty: identical) and what cleanup left.
+pub struct Verified {
+    pub differences: Vec<String>,
+    pub leftovers: Vec<String>,
+}
+
+pub async fn run(options: Options) -> Result<Verified, Failed> {
+    source::check_id(&options.source)?;
+    let dir = crate::walk::check_dir(&options.dir).map_err(Error::from)?;
+    let mut opened = source::open(&options.source).await?;
+    let work = compare(&opened.lease, &opened.attached, &opened.backup, &dir);
+    let result = source::guarded(&mut opened.signals, work).await;
+    let (differences, leftovers) = source::close(opened, result).await?;
+    Ok(Verified {
+        differences,
+        leftovers,
+    })
+}
+
+async fn compare(
+    lease: &crate::helper::lease::Lease<crate::cloud::aws::AwsCloud>,
+    attached: &crate::helper::lease::Attached,
+    backup: &source::Backup,
+    dir: &Path,
+) -> Result<Vec<String>, Error> {
+    let guard = lease.session().await;
+    let ssh = guard
+        .as_ref()
+        .ok_or_else(|| MethodError::Failed("the helper is not connected".into()))?;
+    lease.report.step("comparing");
+    match backup.method {
+        Method::Dd => {
+            let index = lease.workdir().join("members");
+            let sink = dd::read::Sink::Process(Box::new(dd::read::compare_command(dir, &index)));
+            let bar = crate::commands::backup::progress_bar(backup.bytes.unwrap_or(0));
+            let read = dd::read::read(ssh, &attached.device, backup.bytes, sink, &bar).await?;
+            let out = read
+                .output
+                .ok_or_else(|| MethodError::Failed("tar did not compare the archive".into()))?;
+            // 0: no difference, 1: some; anything else: tar could not compare.
+            if !matches!(out.status.code(), Some(0 | 1)) {
+                return Err(MethodError::Failed(format!(
+                    "tar could not compare the archive: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+                .into());
+            }
+            let mut lines = Vec::new();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            lines.extend(text.lines().filter_map(tar_difference));
+            let members = std::fs::read(&index).map_err(|e| {
+                MethodError::Failed(format!("reading tar's member list failed: {e}"))
+            })?;
+            let members: BTreeSet<PathBuf> = String::from_utf8_lossy(&members)
+                .lines()
+                .map(|l| dd::unescape(l.trim_end_matches('/')))
+                .collect();
+            for extra in only_in_dir(dir, &members) {
+                lines.push(format!("only in the directory: {}", c_escape(&extra)));
+            }
+            match &backup.sha256 {
+                Some(sum) if *sum != read.sha256 => lines.push(format!(
+                    "checksum: the archive's SHA-256 is {} but its tag says {sum}",
+                    read.sha256
+                )),
+                Some(_) => {}
+                None => lease.report.warn(&format!(
+                    "{} has no recorded checksum: only its members were compared",
+                    backup.volume.id
+                )),
+            }
+            Ok(lines)
+        }
+        Method::Rsync => {
+            lease.ledger.record(crate::ledger::Resource::Mount(
+                rsync::read::READ_POINT.into(),
+            ));
+            rsync::read::mount_read_only(ssh, &attached.device).await?;
+            Ok(rsync::read::compare(ssh, dir)
+                .await?
+                .into_iter()
+                .map(|(what, path)| {
+                    let raw = rsync_unescape(path.trim_end_matches('/'));
+                    format!("{what}: {}", c_escape(&Path::new(".").join(raw)))
+                })
+                .collect())
+        }
+    }
+}
+
+/// One of `tar --compare`'s lines as `WHAT: PATH`; None for lines that are not a difference.
+fn tar_difference(line: &str) -> Option<String> {
+    let line = line.strip_prefix("tar: ").unwrap_or(line);
+    const KINDS: &[(&str, &str)] = &[
+        (": Contents differ", "content"),
+        (": Size differs", "content"),
+        (": Mode differs", "mode"),
+        (": Uid differs", "owner"),
+        (": Gid differs", "group"),
+        (": Mod time differs", "mtime"),
+        (": Symlink differs", "link target"),
+        (": File type differs", "type"),
+        (": Device number differs", "device"),
+        (
+            ": Warning: Cannot stat: No such file or directory",
+            "only in the backup",
+        ),
+        (
+            ": Cannot stat: No such file or directory",
+            "only in the backup",
+        ),
+    ];
+    for (suffix, what) in KINDS {
+        if let Some(name) = line.strip_suffix(suffix) {
+            return Some(format!("{what}: {}", c_escape(&dd::unescape(name))));
+        }
+    }
+    if let Some((name, _)) = line.split_once(": Not linked to ") {
+        return Some(format!("hard link: {}", c_escape(&dd::unescape(name))));
+    }
+    None
+}
+
+/// Entries of `dir` (as `./…` paths) that are not among the archive's members.
+fn only_in_dir(dir: &Path, members: &BTreeSet<PathBuf>) -> Vec<PathBuf> {
+    let mut extra = Vec::new();
+    let mut todo = vec![PathBuf::from(".")];
+    while let Some(rel) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(dir.join(&rel)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = rel.join(e.file_name());
+            if !members.contains(&path) {
+                extra.push(path);
+                continue;
+            }
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(path);
+            }
+        }
+    }
+    extra.sort();
+    extra
+}
+
+/// Undoes rsync's escaping of names in its output: `\#ooo` is the byte of octal ooo.
+fn rsync_unescape(name: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let b = name.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b.get(i..i + 5).filter(|w| {
+            w[0] == b'\\' && w[1] == b'#' && w[2..].iter().all(|c| (b'0'..=b'7').contains(c))
+        });
+        if let Some(w) = octal {
+            out.push(
+                w[2..]
+                    .iter()
+                    .fold(0u8, |v, c| v.wrapping_mul(8).wrapping_add(c - b'0')),
+            );
+            i += 5;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    std::ffi::OsString::from_vec(out).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tar_lines_become_differences_and_names_stay_inert() {
+        assert_eq!(
+            tar_difference("./a\\:b c: Mod time differs").as_deref(),
+            Some("mtime: ./a:b c")
+        );
+        assert_eq!(
+            tar_difference("./x\\ny: Contents differ").as_deref(),
+            Some("content: ./x\\ny")
+        );
+        assert_eq!(
+            tar_difference("tar: ./gone: Warning: Cannot stat: No such file or directory")
+                .as_deref(),
+            Some("only in the backup: ./gone")
+        );
+        assert_eq!(
+            tar_difference("./g: Not linked to ./f").as_deref(),
+            Some("hard link: ./g")
+        );
+        assert_eq!(tar_difference("./plain"), None);
+    }
+
+    #[test]
+    fn entries_only_in_the_directory_are_found_once() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("kept/new")).unwrap();
+        std::fs::write(d.path().join("kept/f"), b"x").unwrap();
+        std::fs::write(d.path().join("kept/new/g"), b"x").unwrap();
+        let members: BTreeSet<PathBuf> = [".", "./kept", "./kept/f"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        assert_eq!(
+            only_in_dir(d.path(), &members),
+            [PathBuf::from("./kept/new")]
+        );
+    }
+
+    #[test]
+    fn rsync_escapes_are_bytes() {
+        use std::os::unix::ffi::OsStrExt;
+        let p = rsync_unescape("a\\#012b\\#377");
+        assert_eq!(p.as_os_str().as_bytes(), b"a\nb\xff");
+    }
+}

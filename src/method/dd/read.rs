@@ -1,0 +1,301 @@
+//! Reading a dd backup back: the archive streamed from the device (opened read-only, and the
+//! device itself set read-only first) over ssh into a local consumer (tar extracting or
+//! comparing, or this process's stdout), hashed on its way. With the archive's length from
+//! its tag, exactly that many bytes are read; without it, the stream runs until the consumer
+//! has seen tar's end marker and stops reading.
+
+use std::io::{Read, Write};
+use std::process::Stdio;
+
+use sha2::{Digest, Sha256};
+use tokio::process::Command;
+
+use crate::helper::ssh::{describe_failure, detach_from_terminal_signals, Session};
+use crate::method::MethodError;
+
+/// Sets the device read-only (the kernel then refuses every write to it, whatever runs on
+/// the helper), then reads `$2` bytes of it (all of it when `$2` is empty) to stdout.
+const READ_SCRIPT: &str = r#"set -eu
+dev=$1 bytes=$2
+blockdev --setro -- "$dev"
+if [ -n "$bytes" ]; then exec dd if="$dev" bs=1M iflag=count_bytes count="$bytes" status=none
+else exec dd if="$dev" bs=1M status=none; fi
+"#;
+
+/// Where the archive goes.
+pub enum Sink {
+    /// This process's stdout (`restore VOL -`).
+    Stdout,
+    /// A local process's stdin (tar), run to its end; its output is returned.
+    Process(Box<Command>),
+}
+
+/// What was read.
+pub struct ReadBack {
+    pub bytes: u64,
+    pub sha256: String,
+    /// The consumer's output (stdout, stderr) and exit status, for a [`Sink::Process`].
+    pub output: Option<std::process::Output>,
+}
+
+/// Streams the archive on `device` into `sink`. `bytes`: its length, if known.
+pub async fn read(
+    ssh: &Session,
+    device: &str,
+    bytes: Option<u64>,
+    sink: Sink,
+    progress: &indicatif::ProgressBar,
+) -> Result<ReadBack, MethodError> {
+    let spawn = |program: &'static str| move |e| MethodError::Spawn { program, source: e };
+    let length = bytes.map(|b| b.to_string()).unwrap_or_default();
+    let (from_helper, helper_out) = std::io::pipe().map_err(spawn("ssh"))?;
+    crate::method::widen_pipe(&from_helper);
+    let mut reader = ssh
+        .command(&[
+            "sudo",
+            "-n",
+            "sh",
+            "-c",
+            READ_SCRIPT,
+            "read",
+            device,
+            &length,
+        ])?
+        .stdin(Stdio::null())
+        .stdout(helper_out)
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn("ssh"))?;
+    let (to_sink, consumer) = match sink {
+        Sink::Stdout => (Out::Stdout, None),
+        Sink::Process(mut cmd) => {
+            let (sink_in, to_sink) = std::io::pipe().map_err(spawn("tar"))?;
+            crate::method::widen_pipe(&to_sink);
+            detach_from_terminal_signals(&mut cmd);
+            let child = cmd
+                .stdin(sink_in)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(spawn("tar"))?;
+            (Out::Pipe(to_sink), Some(child))
+        }
+    };
+    let bar = progress.clone();
+    let (done, copied) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("ec2-backup-read".into())
+        .spawn(move || {
+            let _ = done.send(copy(from_helper, to_sink, bytes, &bar));
+        })
+        .map_err(|e| MethodError::Failed(format!("cannot start the stream's thread: {e}")))?;
+    let consumed = async {
+        match consumer {
+            Some(c) => c.wait_with_output().await.map(Some),
+            None => Ok(None),
+        }
+    };
+    let (copied, output) = tokio::join!(copied, consumed);
+    progress.finish_and_clear();
+    let copied =
+        copied.map_err(|_| MethodError::Failed("the stream from the helper stopped".into()))?;
+    let output = output.map_err(|e| MethodError::Failed(format!("waiting for tar failed: {e}")))?;
+    // A consumer that has seen the end of the archive stops reading: the rest of the device
+    // need not come, and the helper's dd is stopped with its ssh.
+    let whole = copied.as_ref().is_ok_and(|c| c.complete);
+    if !whole {
+        let _ = reader.start_kill();
+    }
+    let helper = reader
+        .wait_with_output()
+        .await
+        .map_err(|e| MethodError::Failed(format!("waiting for ssh failed: {e}")))?;
+    let copied = copied?;
+    if copied.complete && !helper.status.success() {
+        return Err(MethodError::Cut(describe_failure(
+            helper.status.code(),
+            &String::from_utf8_lossy(&helper.stderr),
+        )));
+    }
+    if let Some(expected) = bytes {
+        if copied.bytes != expected && output.as_ref().is_none_or(|o| o.status.success()) {
+            return Err(MethodError::Cut(format!(
+                "the helper sent {} of the archive's {expected} bytes",
+                copied.bytes
+            )));
+        }
+    }
+    Ok(ReadBack {
+        bytes: copied.bytes,
+        sha256: copied.sha256,
+        output,
+    })
+}
+
+enum Out {
+    Stdout,
+    Pipe(std::io::PipeWriter),
+}
+
+struct Copied {
+    bytes: u64,
+    sha256: String,
+    /// The whole stream was read (the helper's end closed, or `limit` reached), rather than
+    /// the consumer going away first.
+    complete: bool,
+}
+
+/// Copies from the helper to the sink, hashing and counting, until `limit` bytes, the
+/// helper's end, or the sink going away (a consumer that is done).
+fn copy(
+    mut from: std::io::PipeReader,
+    to: Out,
+    limit: Option<u64>,
+    progress: &indicatif::ProgressBar,
+) -> Result<Copied, MethodError> {
+    let mut stdout = std::io::stdout().lock();
+    let mut pipe = match to {
+        Out::Pipe(p) => Some(p),
+        Out::Stdout => None,
+    };
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    let mut complete = true;
+    loop {
+        let want = limit.map_or(buf.len() as u64, |l| (l - bytes).min(buf.len() as u64));
+        if want == 0 {
+            break;
+        }
+        let n = match from.read(&mut buf[..want as usize]) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(MethodError::Cut(format!(
+                    "reading from the helper failed: {e}"
+                )))
+            }
+        };
+        let written = match pipe.as_mut() {
+            Some(p) => p.write_all(&buf[..n]),
+            None => stdout.write_all(&buf[..n]),
+        };
+        match written {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                complete = false;
+                break;
+            }
+            Err(e) => {
+                return Err(MethodError::Failed(format!(
+                    "writing the archive failed: {e}"
+                )))
+            }
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+        progress.inc(n as u64);
+    }
+    if pipe.is_none() {
+        stdout
+            .flush()
+            .map_err(|e| MethodError::Failed(format!("writing the archive failed: {e}")))?;
+    }
+    Ok(Copied {
+        bytes,
+        sha256: hex::encode(hasher.finalize()),
+        complete,
+    })
+}
+
+/// The local tar that extracts an archive from stdin into `dir`, keeping everything the
+/// backup kept (owners as numbers when run as root, modes, ACLs, xattrs, sparse files);
+/// `paths`, when given, are the members to extract (each with what is below it), matched
+/// literally.
+pub fn extract_command(dir: &std::path::Path, paths: &[std::ffi::OsString]) -> Command {
+    let mut cmd = Command::new("tar");
+    cmd.env("LC_ALL", "C")
+        .arg("--extract")
+        .arg("--file=-")
+        .arg("--quoting-style=escape")
+        .arg("--directory")
+        .arg(dir)
+        .args([
+            "--numeric-owner",
+            "--same-permissions",
+            "--acls",
+            "--xattrs",
+            "--xattrs-include=*",
+            "--no-wildcards",
+            "--record-size=1048576",
+        ]);
+    if !paths.is_empty() {
+        cmd.arg("--");
+        cmd.args(paths);
+    }
+    cmd
+}
+
+/// The local tar that compares an archive from stdin with `dir` (GNU tar's `--compare`: file
+/// contents byte for byte, type, mode, owner, group, mtime, size, link targets, hard links),
+/// listing every member it reads into `index` (names there cannot be mistaken for messages).
+pub fn compare_command(dir: &std::path::Path, index: &std::path::Path) -> Command {
+    let mut cmd = Command::new("tar");
+    let mut index_arg = std::ffi::OsString::from("--index-file=");
+    index_arg.push(index);
+    cmd.env("LC_ALL", "C")
+        .arg("--compare")
+        .arg("--verbose")
+        .arg(index_arg)
+        .arg("--file=-")
+        .arg("--quoting-style=escape")
+        .arg("--directory")
+        .arg(dir)
+        .args(["--numeric-owner", "--record-size=1048576"]);
+    cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The copy stops at the limit, hashes what it passed on, and a consumer that goes away
+    /// early makes it stop without error (the stream was not complete).
+    #[test]
+    fn copy_stops_at_the_limit_or_when_the_consumer_is_done() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+        let (from, mut into) = std::io::pipe().unwrap();
+        let feed = data.clone();
+        let feeder = std::thread::spawn(move || {
+            let _ = into.write_all(&feed);
+        });
+        let (mut sink_out, sink_in) = std::io::pipe().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            sink_out.read_to_end(&mut got).unwrap();
+            got
+        });
+        let bar = indicatif::ProgressBar::hidden();
+        let copied = copy(from, Out::Pipe(sink_in), Some(1_000_000), &bar).unwrap();
+        assert!(copied.complete);
+        assert_eq!(copied.bytes, 1_000_000);
+        assert_eq!(
+            copied.sha256,
+            hex::encode(Sha256::digest(&data[..1_000_000]))
+        );
+        assert_eq!(reader.join().unwrap(), &data[..1_000_000]);
+        drop(feeder);
+
+        let (from, mut into) = std::io::pipe().unwrap();
+        let feeder = std::thread::spawn(move || {
+            let _ = into.write_all(&data);
+        });
+        let (sink_out, sink_in) = std::io::pipe().unwrap();
+        drop(sink_out);
+        let copied = copy(from, Out::Pipe(sink_in), None, &bar).unwrap();
+        assert!(!copied.complete);
+        feeder.join().unwrap();
+    }
+}
