@@ -322,6 +322,9 @@ def loop_attach(ledger, vfile):
     # costs an instance (the block layer), not a second copy of every byte (~1.9 core-s per GiB
     # here). Best effort: where the backing filesystem cannot, the device stays buffered.
     run(["losetup", "--direct-io=on", dev], check=False)
+    # A fresh attachment is writable, as on EC2 (where a detached device is gone): a loop
+    # device keeps the read-only flag an earlier helper set on it (`blockdev --setro`).
+    run(["blockdev", "--setrw", dev])
     return dev
 
 

@@ -134,15 +134,15 @@ async fn restore(
     match backup.method {
         Method::Dd => {
             let sink = match &options.dir {
-                Some(dir) => dd::read::Sink::Process(Box::new(dd::read::extract_command(
+                Some(dir) => dd::read::Sink::Processes(vec![dd::read::extract_command(
                     dir,
                     &members(&options.paths),
-                ))),
+                )]),
                 None => dd::read::Sink::Stdout,
             };
             let bar = crate::commands::backup::progress_bar(backup.bytes.unwrap_or(0));
             let read = dd::read::read(ssh, &attached.device, backup.bytes, sink, &bar).await?;
-            if let Some(out) = &read.output {
+            if let Some(out) = read.outputs.first() {
                 if !out.status.success() {
                     let stderr = String::from_utf8_lossy(&out.stderr);
                     crate::report::say(stderr.trim_end());

@@ -53,32 +53,34 @@ async fn compare(
     lease.report.step("comparing");
     match backup.method {
         Method::Dd => {
-            let index = lease.workdir().join("members");
-            let sink = dd::read::Sink::Process(Box::new(dd::read::compare_command(dir, &index)));
+            let sink = dd::read::Sink::Processes(vec![
+                dd::read::compare_command(dir),
+                dd::read::list_command(),
+            ]);
             let bar = crate::commands::backup::progress_bar(backup.bytes.unwrap_or(0));
             let read = dd::read::read(ssh, &attached.device, backup.bytes, sink, &bar).await?;
-            let out = read
-                .output
-                .ok_or_else(|| MethodError::Failed("tar did not compare the archive".into()))?;
+            let [compared, listed] = &read.outputs[..] else {
+                return Err(MethodError::Failed("tar did not compare the archive".into()).into());
+            };
             // 0: no difference, 1: some; anything else: tar could not compare.
-            if !matches!(out.status.code(), Some(0 | 1)) {
-                return Err(MethodError::Failed(format!(
-                    "tar could not compare the archive: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ))
-                .into());
+            for (out, what) in [(compared, "compare"), (listed, "list")] {
+                let fine = matches!(out.status.code(), Some(0))
+                    || (what == "compare" && out.status.code() == Some(1));
+                if !fine {
+                    return Err(MethodError::Failed(format!(
+                        "tar could not {what} the archive: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ))
+                    .into());
+                }
             }
-            let mut lines = Vec::new();
             let text = format!(
                 "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
+                String::from_utf8_lossy(&compared.stdout),
+                String::from_utf8_lossy(&compared.stderr)
             );
-            lines.extend(text.lines().filter_map(tar_difference));
-            let members = std::fs::read(&index).map_err(|e| {
-                MethodError::Failed(format!("reading tar's member list failed: {e}"))
-            })?;
-            let members: BTreeSet<PathBuf> = String::from_utf8_lossy(&members)
+            let mut lines: Vec<String> = text.lines().filter_map(tar_difference).collect();
+            let members: BTreeSet<PathBuf> = String::from_utf8_lossy(&listed.stdout)
                 .lines()
                 .map(|l| dd::unescape(l.trim_end_matches('/')))
                 .collect();

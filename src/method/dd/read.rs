@@ -17,7 +17,7 @@ use crate::method::MethodError;
 /// the helper), then reads `$2` bytes of it (all of it when `$2` is empty) to stdout.
 const READ_SCRIPT: &str = r#"set -eu
 dev=$1 bytes=$2
-blockdev --setro -- "$dev"
+blockdev --setro "$dev"
 if [ -n "$bytes" ]; then exec dd if="$dev" bs=1M iflag=count_bytes count="$bytes" status=none
 else exec dd if="$dev" bs=1M status=none; fi
 "#;
@@ -26,16 +26,16 @@ else exec dd if="$dev" bs=1M status=none; fi
 pub enum Sink {
     /// This process's stdout (`restore VOL -`).
     Stdout,
-    /// A local process's stdin (tar), run to its end; its output is returned.
-    Process(Box<Command>),
+    /// Local processes' stdin (tar), each run to its end; their outputs are returned.
+    Processes(Vec<Command>),
 }
 
 /// What was read.
 pub struct ReadBack {
     pub bytes: u64,
     pub sha256: String,
-    /// The consumer's output (stdout, stderr) and exit status, for a [`Sink::Process`].
-    pub output: Option<std::process::Output>,
+    /// The consumers' outputs (stdout, stderr, exit status), for [`Sink::Processes`].
+    pub outputs: Vec<std::process::Output>,
 }
 
 /// Streams the archive on `device` into `sink`. `bytes`: its length, if known.
@@ -66,20 +66,25 @@ pub async fn read(
         .stderr(Stdio::piped())
         .spawn()
         .map_err(spawn("ssh"))?;
-    let (to_sink, consumer) = match sink {
-        Sink::Stdout => (Out::Stdout, None),
-        Sink::Process(mut cmd) => {
-            let (sink_in, to_sink) = std::io::pipe().map_err(spawn("tar"))?;
-            crate::method::widen_pipe(&to_sink);
-            detach_from_terminal_signals(&mut cmd);
-            let child = cmd
-                .stdin(sink_in)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(spawn("tar"))?;
-            (Out::Pipe(to_sink), Some(child))
+    let (to_sink, consumers) = match sink {
+        Sink::Stdout => (Out::Stdout, Vec::new()),
+        Sink::Processes(commands) => {
+            let (mut pipes, mut children) = (Vec::new(), Vec::new());
+            for mut cmd in commands {
+                let (sink_in, to_sink) = std::io::pipe().map_err(spawn("tar"))?;
+                crate::method::widen_pipe(&to_sink);
+                detach_from_terminal_signals(&mut cmd);
+                let child = cmd
+                    .stdin(sink_in)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .map_err(spawn("tar"))?;
+                pipes.push(to_sink);
+                children.push(child);
+            }
+            (Out::Pipes(pipes), children)
         }
     };
     let bar = progress.clone();
@@ -90,17 +95,13 @@ pub async fn read(
             let _ = done.send(copy(from_helper, to_sink, bytes, &bar));
         })
         .map_err(|e| MethodError::Failed(format!("cannot start the stream's thread: {e}")))?;
-    let consumed = async {
-        match consumer {
-            Some(c) => c.wait_with_output().await.map(Some),
-            None => Ok(None),
-        }
-    };
-    let (copied, output) = tokio::join!(copied, consumed);
+    let consumed = futures_join_all(consumers);
+    let (copied, outputs) = tokio::join!(copied, consumed);
     progress.finish_and_clear();
     let copied =
         copied.map_err(|_| MethodError::Failed("the stream from the helper stopped".into()))?;
-    let output = output.map_err(|e| MethodError::Failed(format!("waiting for tar failed: {e}")))?;
+    let outputs =
+        outputs.map_err(|e| MethodError::Failed(format!("waiting for tar failed: {e}")))?;
     // A consumer that has seen the end of the archive stops reading: the rest of the device
     // need not come, and the helper's dd is stopped with its ssh.
     let whole = copied.as_ref().is_ok_and(|c| c.complete);
@@ -119,7 +120,7 @@ pub async fn read(
         )));
     }
     if let Some(expected) = bytes {
-        if copied.bytes != expected && output.as_ref().is_none_or(|o| o.status.success()) {
+        if copied.bytes != expected && outputs.iter().all(|o| o.status.success()) {
             return Err(MethodError::Cut(format!(
                 "the helper sent {} of the archive's {expected} bytes",
                 copied.bytes
@@ -129,13 +130,28 @@ pub async fn read(
     Ok(ReadBack {
         bytes: copied.bytes,
         sha256: copied.sha256,
-        output,
+        outputs,
     })
+}
+
+/// Waits for every consumer, in order.
+async fn futures_join_all(
+    children: Vec<tokio::process::Child>,
+) -> std::io::Result<Vec<std::process::Output>> {
+    let waits: Vec<_> = children
+        .into_iter()
+        .map(|c| tokio::spawn(c.wait_with_output()))
+        .collect();
+    let mut outputs = Vec::new();
+    for w in waits {
+        outputs.push(w.await.map_err(std::io::Error::other)??);
+    }
+    Ok(outputs)
 }
 
 enum Out {
     Stdout,
-    Pipe(std::io::PipeWriter),
+    Pipes(Vec<std::io::PipeWriter>),
 }
 
 struct Copied {
@@ -155,9 +171,10 @@ fn copy(
     progress: &indicatif::ProgressBar,
 ) -> Result<Copied, MethodError> {
     let mut stdout = std::io::stdout().lock();
-    let mut pipe = match to {
-        Out::Pipe(p) => Some(p),
-        Out::Stdout => None,
+    // Consumers still reading; one that is done (it has seen the archive's end) drops out.
+    let (mut pipes, to_stdout) = match to {
+        Out::Pipes(p) => (p.into_iter().map(Some).collect::<Vec<_>>(), false),
+        Out::Stdout => (Vec::new(), true),
     };
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -178,27 +195,30 @@ fn copy(
                 )))
             }
         };
-        let written = match pipe.as_mut() {
-            Some(p) => p.write_all(&buf[..n]),
-            None => stdout.write_all(&buf[..n]),
-        };
-        match written {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-                complete = false;
-                break;
+        let failed =
+            |e: std::io::Error| MethodError::Failed(format!("writing the archive failed: {e}"));
+        if to_stdout {
+            stdout.write_all(&buf[..n]).map_err(failed)?;
+        }
+        for slot in pipes.iter_mut() {
+            let Some(p) = slot else { continue };
+            match p.write_all(&buf[..n]) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => *slot = None,
+                Err(e) => return Err(failed(e)),
             }
-            Err(e) => {
-                return Err(MethodError::Failed(format!(
-                    "writing the archive failed: {e}"
-                )))
-            }
+        }
+        // Every consumer has seen the archive's end. With its length known, the rest (the
+        // last record's padding) is still read and hashed: the checksum covers it all.
+        if !to_stdout && pipes.iter().all(Option::is_none) && limit.is_none() {
+            complete = false;
+            break;
         }
         hasher.update(&buf[..n]);
         bytes += n as u64;
         progress.inc(n as u64);
     }
-    if pipe.is_none() {
+    if to_stdout {
         stdout
             .flush()
             .map_err(|e| MethodError::Failed(format!("writing the archive failed: {e}")))?;
@@ -239,21 +259,28 @@ pub fn extract_command(dir: &std::path::Path, paths: &[std::ffi::OsString]) -> C
 }
 
 /// The local tar that compares an archive from stdin with `dir` (GNU tar's `--compare`: file
-/// contents byte for byte, type, mode, owner, group, mtime, size, link targets, hard links),
-/// listing every member it reads into `index` (names there cannot be mistaken for messages).
-pub fn compare_command(dir: &std::path::Path, index: &std::path::Path) -> Command {
+/// contents byte for byte, type, mode, owner, group, mtime, size, link targets, hard links).
+/// Its differences name members with every colon escaped, so `NAME: what` parses.
+pub fn compare_command(dir: &std::path::Path) -> Command {
     let mut cmd = Command::new("tar");
-    let mut index_arg = std::ffi::OsString::from("--index-file=");
-    index_arg.push(index);
     cmd.env("LC_ALL", "C")
         .arg("--compare")
-        .arg("--verbose")
-        .arg(index_arg)
         .arg("--file=-")
         .arg("--quoting-style=escape")
         .arg("--directory")
         .arg(dir)
         .args(["--numeric-owner", "--record-size=1048576"]);
+    cmd
+}
+
+/// The local tar that lists an archive's members from stdin, one escaped name a line.
+pub fn list_command() -> Command {
+    let mut cmd = Command::new("tar");
+    cmd.env("LC_ALL", "C")
+        .arg("--list")
+        .arg("--file=-")
+        .arg("--quoting-style=escape")
+        .arg("--record-size=1048576");
     cmd
 }
 
@@ -278,7 +305,7 @@ mod tests {
             got
         });
         let bar = indicatif::ProgressBar::hidden();
-        let copied = copy(from, Out::Pipe(sink_in), Some(1_000_000), &bar).unwrap();
+        let copied = copy(from, Out::Pipes(vec![sink_in]), Some(1_000_000), &bar).unwrap();
         assert!(copied.complete);
         assert_eq!(copied.bytes, 1_000_000);
         assert_eq!(
@@ -294,7 +321,7 @@ mod tests {
         });
         let (sink_out, sink_in) = std::io::pipe().unwrap();
         drop(sink_out);
-        let copied = copy(from, Out::Pipe(sink_in), None, &bar).unwrap();
+        let copied = copy(from, Out::Pipes(vec![sink_in]), None, &bar).unwrap();
         assert!(!copied.complete);
         feeder.join().unwrap();
     }

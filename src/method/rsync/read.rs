@@ -16,7 +16,7 @@ pub const READ_POINT: &str = "/mnt/ec2-backup-read";
 
 const MOUNT_RO_SCRIPT: &str = r#"set -eu
 dev=$1 mnt=$2
-blockdev --setro -- "$dev"
+blockdev --setro "$dev"
 mkdir -p -- "$mnt"
 mount -t ext4 -o ro,noload -- "$dev" "$mnt"
 "#;
