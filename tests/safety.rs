@@ -133,7 +133,7 @@ fn a_failing_probe_refuses_and_changes_nothing() {
         let r = backup(&args(method, &vol, &[]), &src);
         let line = r.refused();
         assert_eq!(r.code, 1, "{line}");
-        assert!(line.contains("could not tell what the volume"), "{line}");
+        assert!(line.contains("Could not tell what the volume"), "{line}");
         assert!(line.contains("blkid failed with exit status 4"), "{line}");
         assert_eq!(
             tree::allocated(&volume_file(&vol)),

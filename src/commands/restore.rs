@@ -130,7 +130,10 @@ async fn restore(
     let ssh = guard
         .as_ref()
         .ok_or_else(|| MethodError::Failed("the helper is not connected".into()))?;
-    lease.report.step("restoring");
+    lease.report.step(&format!(
+        "{} is {} on the helper; restoring",
+        backup.volume.id, attached.device
+    ));
     match backup.method {
         Method::Dd => {
             let sink = match &options.dir {

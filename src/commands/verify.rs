@@ -50,7 +50,10 @@ async fn compare(
     let ssh = guard
         .as_ref()
         .ok_or_else(|| MethodError::Failed("the helper is not connected".into()))?;
-    lease.report.step("comparing");
+    lease.report.step(&format!(
+        "{} is {} on the helper; comparing",
+        backup.volume.id, attached.device
+    ));
     match backup.method {
         Method::Dd => {
             let sink = dd::read::Sink::Processes(vec![

@@ -121,8 +121,6 @@ impl<C: Cloud> Lease<C> {
                 "the helper reported no usable device for {volume_id}"
             ))
         })?;
-        self.report
-            .step(&format!("{volume_id} is {device} on the helper"));
         Ok(Attached {
             instance_id,
             volume_id,

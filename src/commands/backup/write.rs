@@ -25,7 +25,7 @@ impl Job {
         let write = self.may_write(ssh, volume_id, dev).await?;
         self.lease
             .report
-            .step(&format!("{volume_id}: transferring"));
+            .step(&format!("{volume_id} is {dev} on the helper; transferring"));
         let source = Source {
             dir: self.plan.dir.clone(),
             skip_contents_of: self.plan.inventory.pseudo_mounts.clone(),
