@@ -46,6 +46,12 @@ pub enum Error {
     Method(#[from] MethodError),
     #[error("interrupted by {name}")]
     Interrupted { name: &'static str, number: i32 },
+    /// A restore that stopped after it began writing: what is in `dir` is partial.
+    #[error("{error}; {} holds a partial restore", dir.display())]
+    Partial {
+        error: Box<Error>,
+        dir: std::path::PathBuf,
+    },
 }
 
 impl Error {
@@ -55,6 +61,7 @@ impl Error {
             Error::Key(KeyError::Save { .. } | KeyError::HostKey(_)) => exit::FAILED,
             Error::Key(_) => exit::INPUT,
             Error::Interrupted { number, .. } => 128 + number,
+            Error::Partial { error, .. } => error.exit_code(),
             _ => exit::FAILED,
         }
     }

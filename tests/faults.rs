@@ -695,7 +695,8 @@ fn third_sigint_stops_waiting_and_lists_what_is_left() {
     before.assert_clean(&ended, None);
 }
 
-/// Terminates a helper, deletes its volume and the security group a run made for it.
+/// Terminates a helper, deletes its volume (unless the termination took it along) and the
+/// security group a run made for it.
 fn remove_by_hand(instance: &str, volume: &str) {
     boto(&format!(
         "groups = [g['GroupId'] for r in ec2.describe_instances(InstanceIds=['{instance}'])['Reservations']\n\
@@ -703,8 +704,12 @@ fn remove_by_hand(instance: &str, volume: &str) {
          \x20         if g.get('GroupName', '').startswith('ec2-backup-')]\n\
          ec2.terminate_instances(InstanceIds=['{instance}'])\n\
          ec2.get_waiter('instance_terminated').wait(InstanceIds=['{instance}'], WaiterConfig={{'Delay': 1, 'MaxAttempts': 120}})\n\
-         ec2.get_waiter('volume_available').wait(VolumeIds=['{volume}'], WaiterConfig={{'Delay': 1, 'MaxAttempts': 120}})\n\
-         ec2.delete_volume(VolumeId='{volume}')\n\
+         # The run's own volume goes with its helper (DeleteOnTermination) while attached.\n\
+         try:\n\
+         \x20   ec2.get_waiter('volume_available').wait(VolumeIds=['{volume}'], WaiterConfig={{'Delay': 1, 'MaxAttempts': 120}})\n\
+         \x20   ec2.delete_volume(VolumeId='{volume}')\n\
+         except Exception as e:\n\
+         \x20   if 'NotFound' not in str(e): raise\n\
          for g in groups:\n\
          \x20   ec2.delete_security_group(GroupId=g)"
     ));

@@ -254,3 +254,38 @@ fn list_shows_the_backups() {
     assert!(table.stdout.lines().next().unwrap().starts_with("ID"));
     assert!(table.stdout.contains(&dd) && table.stdout.contains(&rs));
 }
+
+/// SIGINT in the middle of a restore: the helper is gone, the volume is as it was, and the
+/// message says that the directory holds a partial restore.
+#[test]
+fn sigint_mid_restore_leaves_nothing_and_says_the_restore_is_partial() {
+    let s = scratch();
+    let src = s.path().join("big");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("noise"), tree::noise(24 << 20, 13)).unwrap();
+    let vol = backup(&[], &src).volume_id();
+    let before = sha_of_file(&volume_file(&vol));
+    let faults = Faults::new();
+    faults.set(&["link", "20"]);
+    let out = s.path().join("out");
+    let mut cmd = ec2_backup();
+    cmd.env("EC2_BACKUP_VERBOSE", "1")
+        .arg("restore")
+        .arg(&vol)
+        .arg(&out);
+    let live = common::spawn::Live::start(&mut cmd);
+    live.wait_for("; restoring", std::time::Duration::from_secs(120));
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    live.signal(libc::SIGINT);
+    let ended = live.finish(std::time::Duration::from_secs(120));
+    drop(faults);
+    assert_eq!(ended.code(), Some(130), "{}", ended.show());
+    let last = ended.last_line();
+    assert!(
+        last.contains("partial restore") || last.contains("interrupted"),
+        "{last}"
+    );
+    assert_no_live_instances();
+    assert_eq!(volume(&vol).unwrap()["state"], "available");
+    assert_eq!(sha_of_file(&volume_file(&vol)), before);
+}

@@ -131,3 +131,27 @@ fn rsync_backs_up_what_it_can_read_and_says_what_it_could_not() {
     drop(m);
     assert_no_live_instances();
 }
+
+/// A restore run as another user than root cannot give files their owners back: it restores
+/// everything else, says so once, and exits 3.
+#[test]
+fn restore_as_non_root_says_owners_are_lost_and_exits_3() {
+    let s = scratch();
+    fs::set_permissions(s.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let src = s.path().join("owned");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("theirs"), b"owned by 1234").unwrap();
+    std::os::unix::fs::chown(src.join("theirs"), Some(1234), Some(1234)).unwrap();
+    let vol = run(ec2_backup().arg(&src)).volume_id();
+    let home = s.path().join("home");
+    let mut cmd = as_nobody(&home);
+    let out = home.join("back");
+    let r = run(cmd.arg("restore").arg(&vol).arg(&out));
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    let last = r.stderr.lines().last().unwrap();
+    assert!(last.contains("not as root"), "{last}");
+    assert_eq!(fs::read(out.join("theirs")).unwrap(), b"owned by 1234");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(fs::metadata(out.join("theirs")).unwrap().uid(), NOBODY);
+    assert_no_live_instances();
+}

@@ -108,10 +108,10 @@ pub async fn run(options: Options) -> Result<Restored, Failed> {
 /// A restore that failed after DIR was written to says so: what is there is partial.
 fn partial(e: Error, dir: Option<&Path>) -> Error {
     match dir {
-        Some(d) if d.exists() => Error::Method(MethodError::Failed(format!(
-            "{e}; {} holds a partial restore",
-            d.display()
-        ))),
+        Some(d) if d.exists() => Error::Partial {
+            error: Box::new(e),
+            dir: d.to_path_buf(),
+        },
         _ => e,
     }
 }
