@@ -67,6 +67,22 @@ impl Error {
     }
 }
 
+/// A command that failed after it began: the error, and what cleanup could not remove.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: Error,
+    pub leftovers: Vec<String>,
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        Failure {
+            error,
+            leftovers: Vec::new(),
+        }
+    }
+}
+
 /// Makes a message one sentence: a capital first letter and a full stop.
 pub fn sentence(text: &str) -> String {
     let text = text.trim();

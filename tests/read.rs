@@ -182,6 +182,20 @@ fn restore_to_stdout_is_the_archive() {
     assert_no_live_instances();
 }
 
+/// An rsync backup has no archive to write to stdout: refused before any helper exists.
+#[test]
+fn an_rsync_backup_to_stdout_is_refused_before_anything_is_made() {
+    let s = scratch();
+    let src = source(s.path());
+    let vol = backup(&[OsStr::new("-m"), OsStr::new("rsync")], &src).volume_id();
+    let before = inventory();
+    let r = restore(&[OsStr::new(&vol), OsStr::new("-")]);
+    let line = r.refused();
+    assert_eq!(r.code, 2, "{line}");
+    assert!(line.contains("is an rsync backup"), "{line}");
+    assert_eq!(inventory(), before);
+}
+
 /// Only the asked-for subtrees come back, with both methods.
 #[test]
 fn partial_restore_brings_back_only_those_paths() {

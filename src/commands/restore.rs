@@ -6,8 +6,9 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use crate::commands::source::{self, Failed};
+use crate::commands::source;
 use crate::error::Error;
+use crate::error::Failure;
 use crate::method::{dd, rsync, Method, MethodError};
 
 /// What to restore and where.
@@ -81,19 +82,19 @@ pub fn check(options: &Options) -> Result<(), Error> {
     }
 }
 
-pub async fn run(options: Options) -> Result<Restored, Failed> {
+pub async fn run(options: Options) -> Result<Restored, Failure> {
     check(&options)?;
-    let mut opened = source::open(&options.source).await?;
-    if opened.backup.method == Method::Rsync && options.dir.is_none() {
-        let error = Error::Usage(format!(
-            "{} is an rsync backup (a filesystem, not an archive): restore it into a directory",
-            opened.backup.volume.id
-        ));
-        return Err(source::close::<()>(opened, Err(error))
-            .await
-            .err()
-            .unwrap_or_else(|| Failed::from(Error::Usage("restore refused".into()))));
-    }
+    let to_stdout = options.dir.is_none();
+    let mut opened = source::open(&options.source, |backup| {
+        if to_stdout && backup.method == Method::Rsync {
+            return Err(Error::Usage(format!(
+                "{} is an rsync backup (a filesystem, not an archive): restore it into a directory",
+                backup.volume.id
+            )));
+        }
+        Ok(())
+    })
+    .await?;
     let work = restore(&opened.lease, &opened.attached, &opened.backup, &options);
     let result = source::guarded(&mut opened.signals, work).await;
     let result = result.map_err(|e| partial(e, options.dir.as_deref()));
@@ -126,10 +127,8 @@ async fn restore(
         std::fs::create_dir_all(dir)
             .map_err(|e| MethodError::Failed(format!("cannot make {}: {e}", dir.display())))?;
     }
-    let guard = lease.session().await;
-    let ssh = guard
-        .as_ref()
-        .ok_or_else(|| MethodError::Failed("the helper is not connected".into()))?;
+    let ssh = lease.session().await?;
+    let ssh = &*ssh;
     lease.report.step(&format!(
         "{} is {} on the helper; restoring",
         backup.volume.id, attached.device

@@ -7,7 +7,7 @@ use std::future::Future;
 use crate::cloud::aws::{self, AwsCloud};
 use crate::cloud::{valid_volume_id, Volume};
 use crate::commands::backup::plan::find_volume;
-use crate::error::Error;
+use crate::error::{Error, Failure};
 use crate::helper::lease::{Attached, Disk, Lease};
 use crate::helper::plan::{self as helper_plan, input, HelperOptions, Pinned};
 use crate::helper::probe::{self, Content};
@@ -37,21 +37,6 @@ pub fn check_id(source: &str) -> Result<(), Error> {
     }
 }
 
-/// A command that failed after it began, with what cleanup could not remove.
-pub struct Failed {
-    pub error: Error,
-    pub leftovers: Vec<String>,
-}
-
-impl From<Error> for Failed {
-    fn from(error: Error) -> Self {
-        Failed {
-            error,
-            leftovers: Vec::new(),
-        }
-    }
-}
-
 /// A backup leased to a helper, checked, ready to read.
 pub struct Opened {
     pub lease: Lease<AwsCloud>,
@@ -60,9 +45,13 @@ pub struct Opened {
     pub signals: Signals,
 }
 
-/// Looks the backup up, leases a helper with it attached, and checks what it holds. A
-/// failure or signal on the way unwinds what was made.
-pub async fn open(source: &str) -> Result<Opened, Failed> {
+/// Looks the backup up, lets `accept` refuse it (before anything is created), leases a
+/// helper with it attached, and checks what it holds. A failure or signal on the way unwinds
+/// what was made.
+pub async fn open(
+    source: &str,
+    accept: impl FnOnce(&Backup) -> Result<(), Error>,
+) -> Result<Opened, Failure> {
     let options = HelperOptions::from_env()?;
     let report = Reporter::new(options.verbose);
     let mut signals =
@@ -74,6 +63,7 @@ pub async fn open(source: &str) -> Result<Opened, Failed> {
         let volume = find_volume(&cloud, &region, source).await?;
         helper_plan::check_free(&volume)?;
         let backup = from_tags(volume)?;
+        accept(&backup)?;
         let pinned = Pinned {
             zone: backup.volume.zone.clone(),
             volume_id: backup.volume.id.clone(),
@@ -110,7 +100,7 @@ pub async fn open(source: &str) -> Result<Opened, Failed> {
         Err(error) => {
             lease.report.step(&format!("failed: {error}; cleaning up"));
             let leftovers = lease.cleanup(&mut signals).await;
-            Err(Failed { error, leftovers })
+            Err(Failure { error, leftovers })
         }
     }
 }
@@ -131,7 +121,7 @@ pub async fn guarded<T>(
 pub async fn close<T>(
     mut opened: Opened,
     result: Result<T, Error>,
-) -> Result<(T, Vec<String>), Failed> {
+) -> Result<(T, Vec<String>), Failure> {
     let result = match result {
         Ok(out) => {
             let handed = opened.lease.hand_back(&opened.attached, None, true);
@@ -148,7 +138,7 @@ pub async fn close<T>(
     let leftovers = opened.lease.cleanup(&mut opened.signals).await;
     match result {
         Ok(out) => Ok((out, leftovers)),
-        Err(error) => Err(Failed { error, leftovers }),
+        Err(error) => Err(Failure { error, leftovers }),
     }
 }
 
@@ -180,10 +170,8 @@ async fn check_content(
     attached: &Attached,
     backup: &Backup,
 ) -> Result<(), Error> {
-    let guard = lease.session().await;
-    let ssh = guard
-        .as_ref()
-        .ok_or_else(|| MethodError::Failed("the helper is not connected".into()))?;
+    let ssh = lease.session().await?;
+    let ssh = &*ssh;
     let content = probe::probe(ssh, &attached.device).await?;
     let ok = match backup.method {
         Method::Dd => content == Content::Tar,

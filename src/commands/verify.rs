@@ -11,8 +11,9 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use crate::commands::source::{self, Failed};
+use crate::commands::source;
 use crate::error::Error;
+use crate::error::Failure;
 use crate::method::{dd, rsync, Method, MethodError};
 use crate::quote::c_escape;
 
@@ -27,10 +28,10 @@ pub struct Verified {
     pub leftovers: Vec<String>,
 }
 
-pub async fn run(options: Options) -> Result<Verified, Failed> {
+pub async fn run(options: Options) -> Result<Verified, Failure> {
     source::check_id(&options.source)?;
     let dir = crate::walk::check_dir(&options.dir).map_err(Error::from)?;
-    let mut opened = source::open(&options.source).await?;
+    let mut opened = source::open(&options.source, |_| Ok(())).await?;
     let work = compare(&opened.lease, &opened.attached, &opened.backup, &dir);
     let result = source::guarded(&mut opened.signals, work).await;
     let (differences, leftovers) = source::close(opened, result).await?;
@@ -46,10 +47,8 @@ async fn compare(
     backup: &source::Backup,
     dir: &Path,
 ) -> Result<Vec<String>, Error> {
-    let guard = lease.session().await;
-    let ssh = guard
-        .as_ref()
-        .ok_or_else(|| MethodError::Failed("the helper is not connected".into()))?;
+    let ssh = lease.session().await?;
+    let ssh = &*ssh;
     lease.report.step(&format!(
         "{} is {} on the helper; comparing",
         backup.volume.id, attached.device

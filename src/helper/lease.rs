@@ -130,18 +130,15 @@ impl<C: Cloud> Lease<C> {
         })
     }
 
-    /// The ssh session to the helper (held while a command uses it).
-    pub async fn session(&self) -> tokio::sync::MutexGuard<'_, Option<Session>> {
-        self.ssh.lock().await
+    /// The ssh session to the helper, held while a command uses it.
+    pub async fn session(&self) -> Result<tokio::sync::MappedMutexGuard<'_, Session>, Error> {
+        tokio::sync::MutexGuard::try_map(self.ssh.lock().await, |s| s.as_mut())
+            .map_err(|_| MethodError::Failed("the helper is not connected".into()).into())
     }
 
     /// Runs a quick remote step (see [`Session::run`]).
     pub async fn run<S: AsRef<str>>(&self, what: &str, words: &[S]) -> Result<String, Error> {
-        let guard = self.ssh.lock().await;
-        let ssh = guard
-            .as_ref()
-            .ok_or_else(|| MethodError::Failed("the helper is not connected".into()))?;
-        Ok(ssh.run(what, words).await?)
+        Ok(self.session().await?.run(what, words).await?)
     }
 
     /// The data is on the volume (written and flushed, or unmounted; or only read): hands

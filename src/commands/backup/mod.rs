@@ -6,7 +6,7 @@ pub mod plan;
 mod write;
 
 use crate::cloud::aws::{self, AwsCloud};
-use crate::error::Error;
+use crate::error::{Error, Failure};
 use crate::helper::lease::{Disk, Lease};
 use crate::helper::plan::input;
 use crate::method::{Method, Transfer};
@@ -29,22 +29,6 @@ pub struct Outcome {
     pub transfer: Transfer,
     /// What the teardown after a successful backup could not remove.
     pub leftovers: Vec<String>,
-}
-
-/// A failed run: the error, and what cleanup could not remove.
-#[derive(Debug)]
-pub struct Failure {
-    pub error: Error,
-    pub leftovers: Vec<String>,
-}
-
-impl From<Error> for Failure {
-    fn from(error: Error) -> Self {
-        Failure {
-            error,
-            leftovers: Vec::new(),
-        }
-    }
 }
 
 /// What a run produced: a backup, or with `--dry-run` only the plan.

@@ -18,10 +18,8 @@ impl Job {
     /// exactly as it was, tags included.
     pub(super) async fn write(&self, attached: &Attached) -> Result<Transfer, Error> {
         let (volume_id, dev) = (&attached.volume_id, &attached.device);
-        let guard = self.lease.session().await;
-        let ssh: &Session = guard
-            .as_ref()
-            .ok_or_else(|| MethodError::Failed("the helper is not connected".into()))?;
+        let ssh = self.lease.session().await?;
+        let ssh: &Session = &ssh;
         let write = self.may_write(ssh, volume_id, dev).await?;
         self.lease
             .report

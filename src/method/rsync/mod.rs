@@ -170,6 +170,19 @@ pub async fn unmount(ssh: &Session) -> Result<(), MethodError> {
     Ok(())
 }
 
+/// What every rsync of the tool keeps and how it reaches the helper: all of SPEC §3, as root
+/// on the helper, and a hung disk or link (no data either way for 5 minutes) ends it (exit 30).
+pub const KEEP: &[&str] = &[
+    "--archive",
+    "--hard-links",
+    "--acls",
+    "--xattrs",
+    "--sparse",
+    "--numeric-ids",
+    "--rsync-path=sudo -n rsync",
+    "--timeout=300",
+];
+
 /// How each file rsync writes is logged (`--log-file-format`): no name, so that the log
 /// parses whatever the names hold.
 const LOG_FORMAT: &str = "ec2-backup %i %l";
@@ -178,19 +191,7 @@ const LOG_FORMAT: &str = "ec2-backup %i %l";
 /// writes to `log`.
 pub fn rsync_command(ssh: &Session, source: &Source, log: &Path) -> Result<Command, MethodError> {
     let mut cmd = Command::new("rsync");
-    cmd.args([
-        "--archive",
-        "--hard-links",
-        "--acls",
-        "--xattrs",
-        "--sparse",
-        "--numeric-ids",
-        "--delete",
-        "--filter=P /lost+found",
-        "--rsync-path=sudo -n rsync",
-        // No data either way for this long: a hung disk or link ends the run (exit 30).
-        "--timeout=300",
-    ]);
+    cmd.args(KEEP).args(["--delete", "--filter=P /lost+found"]);
     for skip in &source.skip_contents_of {
         cmd.arg(format!("--exclude=/{}/*", glob_escape(skip)));
     }

@@ -44,18 +44,8 @@ pub async fn mount_read_only(ssh: &Session, device: &str) -> Result<(), MethodEr
 /// the protocol (never a remote shell), the mirror's `lost+found` left out.
 fn reading(ssh: &Session) -> Result<Command, MethodError> {
     let mut cmd = Command::new("rsync");
-    cmd.args([
-        "--archive",
-        "--hard-links",
-        "--acls",
-        "--xattrs",
-        "--sparse",
-        "--numeric-ids",
-        "--protect-args",
-        "--exclude=/lost+found",
-        "--rsync-path=sudo -n rsync",
-        "--timeout=300",
-    ]);
+    cmd.args(super::KEEP)
+        .args(["--protect-args", "--exclude=/lost+found"]);
     cmd.arg("--rsh").arg(ssh.rsh()?);
     Ok(cmd)
 }
