@@ -296,3 +296,26 @@ fn switching_methods_on_a_volume_is_refused_and_the_backup_survives() {
     assert_eq!(fs::read(out.join("precious")).unwrap(), b"keep me");
     assert_no_live_instances();
 }
+
+/// ssh splits its `-o` values at spaces: a TMPDIR with a space in its path once broke the
+/// pinned known_hosts and the control socket. The run's private files go to /tmp then.
+#[test]
+fn a_tmpdir_with_spaces_still_works() {
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"tmp").unwrap();
+    let tmp = s.path().join("tmp with space %d");
+    fs::create_dir(&tmp).unwrap();
+    let vol = run(ec2_backup().env("TMPDIR", &tmp).arg(&src)).volume_id();
+    let out = s.path().join("out");
+    fs::create_dir(&out).unwrap();
+    extract_dd(&vol, &out);
+    assert_eq!(fs::read(out.join("f")).unwrap(), b"tmp");
+    assert_eq!(
+        fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "nothing left in TMPDIR"
+    );
+    assert_no_live_instances();
+}
