@@ -1,5 +1,15 @@
 """Command line of the simulator (called by scripts/ec2sim). stdout carries only the
-result (exports, JSON, a path); everything else goes to stderr."""
+result (exports, JSON, a path, the timing table); everything else goes to stderr.
+
+Timing (timing.py has every figure with its source; `ec2sim timing` prints them):
+  EC2SIM_TIMING=fast|aws at `up` (default fast; status JSON says which under "timing").
+  Per figure, for either profile (seconds): EC2SIM_RUN_API_S, EC2SIM_PENDING_S,
+  EC2SIM_NET_UP_S, EC2SIM_SSHD_UP_S, EC2SIM_START_S, EC2SIM_VOLUME_CREATE_S,
+  EC2SIM_ATTACH_S, EC2SIM_DETACH_S, EC2SIM_TERMINATE_S, EC2SIM_STOP_S, EC2SIM_SNAPSHOT_S,
+  EC2SIM_SG_RELEASE_S; EC2SIM_SNAPSHOT_MIBPS (MiB/s, 0: data takes no time);
+  EC2SIM_TIMING_SCALE (multiplies every duration), EC2SIM_JITTER (+- fraction; aws 0.1),
+  EC2SIM_SEED (repeatable jitter). EC2SIM_BOOT_DELAY and EC2SIM_STATE_DELAY are the fast
+  profile's pending -> running and every other state change, as before."""
 import glob
 import os
 import re
@@ -7,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from . import cleanup, config, fast, faults, hostops
+from . import cleanup, config, fast, faults, hostops, timing
 
 EXPORTS = ("export AWS_ENDPOINT_URL=http://127.0.0.1:{port}\n"
            "export AWS_ACCESS_KEY_ID=ec2sim\n"
@@ -29,11 +39,23 @@ def _daemon_alive(sdir):
     return None
 
 
+def _timing():
+    try:
+        return timing.resolve(os.environ)
+    except timing.Bad as e:
+        raise Fail(str(e))
+
+
 def cmd_up(sdir, name, args):
+    spec = _timing()  # before anything starts: a bad figure is only an error message
     os.makedirs(sdir, exist_ok=True)
     with config.locked(os.path.join(os.path.dirname(sdir), f".{name}.lock")):
         cfg = config.read_json(os.path.join(sdir, "config.json"))
         if cfg and _daemon_alive(sdir) and os.path.exists(os.path.join(sdir, "ready")):
+            running = (cfg.get("timing") or {}).get("profile", "fast")
+            if running != spec["profile"]:
+                sys.stderr.write(f"ec2sim: '{name}' is already up with timing {running}, not "
+                                 f"{spec['profile']}: run `down` first to change it.\n")
             sys.stdout.write(EXPORTS.format(port=cfg["port"]))
             return
         if cfg:  # a crashed daemon: clear what it left, then start clean
@@ -41,6 +63,7 @@ def cmd_up(sdir, name, args):
             os.makedirs(sdir, exist_ok=True)
         with config.locked(os.path.join(config.state_root(), ".alloc.lock")):
             cfg = config.choose_config(sdir, name)
+            cfg["timing"] = spec  # the daemon's figures, as resolved here
             config.write_json(os.path.join(sdir, "config.json"), cfg)
         led = config.Ledger(sdir)
         log = open(os.path.join(sdir, "daemon.log"), "ab")
@@ -79,6 +102,13 @@ def cmd_status(sdir, name, args):
     if args:
         raise Fail("usage: ec2sim status")
     return fast.status(sdir, name)
+
+
+def cmd_timing(sdir, name, args):
+    """The figures `up` would use with this environment, with their sources."""
+    if args:
+        raise Fail("usage: ec2sim timing")
+    sys.stdout.write(timing.table(_timing()))
 
 
 def cmd_volume_file(sdir, name, args):
@@ -168,12 +198,14 @@ def cmd_kill_sessions(sdir, name, args):
 
 COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status,
             "volume-file": cmd_volume_file, "fault": cmd_fault,
-            "kill-sessions": cmd_kill_sessions}
+            "kill-sessions": cmd_kill_sessions, "timing": cmd_timing}
 
 
 def main(argv):
     if not argv or argv[0] not in COMMANDS:
-        sys.stderr.write("usage: ec2sim up|down|status|volume-file ID|fault ...|kill-sessions\n")
+        sys.stderr.write("usage: ec2sim up|down|status|volume-file ID|fault ...|kill-sessions|"
+                         "timing\n(timing at up: EC2SIM_TIMING=fast|aws; "
+                         "`ec2sim timing` lists every figure, its variable and source)\n")
         return 2
     name = config.sim_name()
     if "/" in name or name.startswith("."):

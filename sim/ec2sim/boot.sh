@@ -4,7 +4,8 @@
 # Args: INSTANCE_DIR HOSTNAME UID
 # INSTANCE_DIR, seen inside as /run/ec2sim, may also hold: image/ (layers over PATH
 # directories, see below), bootcmd (cloud-config bootcmd as the /bin/sh script cloud-init
-# makes of it) and the FIFOs `booted` and `power` the daemon reads.
+# makes of it), the FIFOs `booted` and `power` the daemon reads and, for a slow boot, the
+# FIFO `gate` it writes.
 set -eu
 I=$1; HN=$2; UID_=$3
 HERE=${0%/*}
@@ -83,6 +84,12 @@ for p in poweroff shutdown halt reboot systemctl telinit init; do
 done
 # The machine is up: the daemon, waiting for this line, may now put volumes into this /dev.
 { echo booted >&3; } 3<>/run/ec2sim/booted
+# A slow boot (timing profile aws): the daemon made the FIFO `gate` and writes a line into
+# it once the OS would have booted this far (shell builtins only: a faulted image may lack
+# sleep or cat). cloud-init's bootcmd runs next, then sshd, as on EC2.
+if [ -p /run/ec2sim/gate ]; then
+  { read -r go <&3; } 3<>/run/ec2sim/gate
+fi
 # cloud-config bootcmd, as cloud-init runs it: early, as root, before sshd, one /bin/sh script
 # with INSTANCE_ID set, stdin from /dev/null, output to the boot log; a failure is logged and
 # the boot goes on. What it starts in the background stays in this pid namespace, so it dies

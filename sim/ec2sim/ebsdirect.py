@@ -163,7 +163,7 @@ def install(sim):
         def done():  # as on AWS: CompleteSnapshot answers pending, the seal is asynchronous
             if es is not None:
                 es.status = "completed"
-        sim.after(sim.state_delay, done)
+        sim.after(sim.timing.snapshot(len(written) * BLOCK), done)
         return "pending"
 
     def get_snapshot_block(self, snapshot_id, block_index, block_token=None):

@@ -158,6 +158,19 @@ def make_net(ledger, tag, block, idx, link):
     return ns, hv, inst
 
 
+def net_block(ns, host):
+    """The instance's network is not up yet (aws profile): it answers nothing, as an EC2
+    instance that is still pending or booting. A blackhole route for the host's address in
+    the instance's namespace drops every reply (SYN-ACK, RST, ICMP) there; ARP still
+    answers, so a connection from the host hangs unanswered, neither refused nor
+    unreachable."""
+    run(["ip", "-n", ns, "route", "replace", "blackhole", f"{host}/32"])
+
+
+def net_unblock(ns, host):
+    run(["ip", "-n", ns, "route", "del", "blackhole", f"{host}/32"], check=False)
+
+
 def shape(ns, hv, link):
     """Limit both ends so both directions are shaped. netem does rate+delay; kernels
     without sch_netem (like this VM's) get tbf: rate only, delay ignored with a warning.

@@ -4,6 +4,7 @@ run_instances/terminate_instances (root volume): those internal calls pass untou
 import copy
 import re
 import threading
+import time
 from contextlib import contextmanager
 
 from moto.ec2.exceptions import EC2ClientError
@@ -94,8 +95,12 @@ def install(sim):
         with internal():
             res = orig["run_instances"](self, image_id, count, user_data,
                                         security_group_names, **kw)
+        # The call takes a while on EC2 (timing run_api); the instances exist, pending,
+        # meanwhile, and their pending -> running counts from the answer.
+        answer = time.time() + sim.timing.draw("run_api")
         for mi in res.instances:
-            sim.launch(self, mi)
+            sim.launch(self, mi, answer)
+        time.sleep(max(0.0, answer - time.time()))
         return res
 
     def terminate_instances(self, instance_ids):
@@ -118,6 +123,9 @@ def install(sim):
                     else:
                         keep.append((v, att))
             plan.append((mi, keep, drop))
+        for mi, _, _ in plan:  # moto says terminated at once: the group stays held
+            if mi.id in sim.insts:
+                mi._sim_groups_free_at = float("inf")
         if plan:
             with internal():
                 res = orig["terminate_instances"](self, [mi.id for mi, _, _ in plan])
@@ -247,14 +255,17 @@ def install(sim):
 
     # --- security groups ----------------------------------------------------
     def delete_security_group(self, name=None, group_id=None):
-        """EC2 refuses while an instance's network interface uses the group, i.e. until
-        the instance is terminated (shutting-down still holds it); moto deletes at once."""
+        """EC2 refuses while an instance's network interface uses the group: until the
+        instance is terminated (shutting-down still holds it) and then until EC2 has
+        deleted that interface (timing sg_release after `terminated`); moto deletes at once."""
         g = self.get_security_group_by_name_or_id(group_id or name)
         if g is not None:
+            now = time.time()
             for res in list(self.reservations.values()):
                 for mi in res.instances:
                     ids = {x if isinstance(x, str) else x.id for x in mi.security_groups or []}
-                    if g.id in ids and mi._state.name != "terminated":
+                    if g.id in ids and (mi._state.name != "terminated" or
+                                        now < getattr(mi, "_sim_groups_free_at", 0)):
                         raise err("DependencyViolation",
                                   f"resource {g.id} has a dependent object")
         return orig["delete_security_group"](self, name, group_id)

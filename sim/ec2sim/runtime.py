@@ -6,7 +6,7 @@ import threading
 import time
 import traceback
 
-from . import cloudinit, config, faults, hostops
+from . import cloudinit, config, faults, hostops, timing
 
 
 # EC2's StateReason after a shutdown from inside the instance (poweroff on the helper).
@@ -29,6 +29,7 @@ class Inst:
         self.proc = None
         self.ns = self.hv = None
         self.devices = {}  # vol_id -> {dev, node, links, minor, file}
+        self.gate = None  # fd of the FIFO boot.sh waits on before bootcmd and sshd (aws)
         self.gone = False
         self.hostname = "ip-" + addr.replace(".", "-")
         self.idir = None
@@ -43,8 +44,8 @@ class Sim:
         self.lock = threading.Lock()
         self.insts = {}
         self.free_slots = list(range(config.MAX_INSTANCES))
-        self.state_delay = float(os.environ.get("EC2SIM_STATE_DELAY", "0.3"))
-        self.boot_delay = float(os.environ.get("EC2SIM_BOOT_DELAY", "1"))
+        # How long each state change takes (timing.py): resolved by `up`, kept in config.json.
+        self.timing = timing.Timing(self.cfg.get("timing") or timing.resolve(os.environ))
         for d in ("volumes", "snapshots", "instances"):
             os.makedirs(os.path.join(sdir, d), exist_ok=True)
 
@@ -74,7 +75,8 @@ class Sim:
         with self.lock:
             return len(self.free_slots)
 
-    def launch(self, backend, mi):
+    def launch(self, backend, mi, t0=None):
+        """t0: when RunInstances answers (pending -> running counts from then)."""
         with self.lock:
             idx = self.free_slots.pop(0)
         _, addr = config.addresses(self.cfg["block"], idx)
@@ -89,11 +91,11 @@ class Sim:
         cfg = cloudinit.parse_user_data(cloudinit.decode_user_data(mi.user_data))
         keys += cloudinit.authorized_keys(cfg)
         self.later(self._boot, inst, mi, keys, cloudinit.host_keys(cfg),
-                   cloudinit.bootcmd_script(cfg), time.time())
+                   cloudinit.bootcmd_script(cfg), time.time() if t0 is None else t0)
 
     def _boot(self, inst, mi, keys, given_hostkeys, bootcmd, t0):
         f = faults.load(self.sdir)
-        delay = float(f.get("boot_delay", self.boot_delay))
+        delay = float(f["boot_delay"]) if "boot_delay" in f else self.timing.draw("pending")
         never = faults.take_never_boot(self.sdir)
         missing = faults.take_tools(self.sdir, "missing_tools")
         if faults.take_no_python(self.sdir):
@@ -113,30 +115,71 @@ class Sim:
             _write_bootcmd(inst.idir, bootcmd)
             inst.ns, inst.hv, _ = hostops.make_net(self.ledger, self.cfg["tag"],
                                                    self.cfg["block"], inst.idx, f.get("link"))
+            if self.timing.fig["net_up"] > 0:  # pending: nothing answers yet
+                hostops.net_block(inst.ns, self._host_addr(inst))
             self._write_info(inst)
             if inst.stop_evt.wait(max(0.0, t0 + delay - time.time())):
                 return
-            # As on EC2, the instance is running once its machine starts; its sshd answers a
-            # moment later (here ~0.3-0.6 s; on EC2 the OS takes 10-30 s), so a client
-            # must retry a refused connection after `running`, and a volume can be
-            # attached while the OS boots.
+            # As on EC2, the instance is running once its machine starts; its sshd answers
+            # later: in the fast profile ~0.3-0.6 s; in the aws profile once its network is
+            # up (net_up; connections hang until then) and its OS has booted (sshd_up;
+            # refused meanwhile), ~23 s, as on EC2. So a client must retry after `running`,
+            # and a volume can be attached while the OS boots.
             if not never:
                 self._start_sshd(inst)
             if not inst.stop_evt.is_set():
                 _set_state(mi, "running", 16)
 
     def _start_sshd(self, inst):
-        """Boots the instance's OS (boot.sh, then sshd) and watches it end (_watch)."""
+        """Boots the instance's OS (boot.sh, then sshd) and watches it end (_watch). With a
+        slow boot (aws profile), boot.sh waits at its gate until _os_boot opens it."""
+        slow = self.timing.boots_slowly()
+        if slow:
+            if self.timing.fig["net_up"] > 0:  # a reboot takes the network down too
+                hostops.net_block(inst.ns, self._host_addr(inst))
+            try:  # a fresh FIFO each boot: no line left over from an earlier one
+                os.unlink(os.path.join(inst.idir, "gate"))
+            except FileNotFoundError:
+                pass
+            inst.gate = hostops.fifo(inst.idir, "gate")
         power = hostops.fifo(inst.idir, "power")
         try:
             inst.proc, inst.init_pid = hostops.start_sshd(self.ledger, inst.idir, inst.ns,
                                                           inst.hostname, inst.uid)
         except BaseException:
             os.close(power)
+            self._close_gate(inst)
             raise
         inst.init_start = config.pid_start(inst.init_pid)
         self._write_info(inst)
         self.later(self._watch, inst, inst.proc, power)
+        if slow:
+            self.later(self._os_boot, inst, inst.proc)
+
+    def _os_boot(self, inst, proc):
+        """The OS boot of the aws profile, from the machine's start: the network comes up
+        after net_up (hanging connections become refused ones), then after sshd_up boot.sh
+        passes its gate: bootcmd, then sshd. Gives up if that boot has ended meanwhile."""
+        for step in ("net_up", "sshd_up"):
+            if inst.stop_evt.wait(self.timing.draw(step)):
+                return
+            with inst.lock:
+                if inst.proc is not proc or inst.gone:
+                    return
+                if step == "net_up":
+                    hostops.net_unblock(inst.ns, self._host_addr(inst))
+                else:
+                    os.write(inst.gate, b"go\n")
+                    self._close_gate(inst)
+
+    @staticmethod
+    def _close_gate(inst):
+        if inst.gate is not None:
+            os.close(inst.gate)
+            inst.gate = None
+
+    def _host_addr(self, inst):
+        return config.addresses(self.cfg["block"], inst.idx)[0]
 
     def _boot_os(self, inst):
         """Starts the instance's OS again (start, reboot), with its volumes: the new mount
@@ -167,6 +210,7 @@ class Sim:
             except Exception:
                 pass
         inst.init_pid = inst.init_start = inst.proc = None
+        self._close_gate(inst)
 
     # ---- the instance's own shutdown (poweroff on the helper) ------------------
     def _watch(self, inst, proc, power):
@@ -250,10 +294,12 @@ class Sim:
             if inst.ns:
                 hostops.delete_net(inst.ns, inst.hv)
             hostops.remove_tree(inst.idir or "/nonexistent")
-        time.sleep(self.state_delay)
+        time.sleep(self.timing.draw("terminate"))
         for v, att in vols:
             if v.attachment is att:
                 v.attachment = None
+        # Its network interface, and so its security groups, go a while later (rules.py).
+        mi._sim_groups_free_at = time.time() + self.timing.draw("sg_release")
         _set_state(mi, "terminated", 48)
         with self.lock:
             self.free_slots.append(inst.idx)
@@ -266,7 +312,9 @@ class Sim:
         def work():
             with inst.lock:
                 self._kill(inst)
-            time.sleep(self.state_delay)
+                if self.timing.fig["net_up"] > 0 and inst.ns:  # a stopped one answers nothing
+                    hostops.net_block(inst.ns, self._host_addr(inst))
+            time.sleep(self.timing.draw("stop"))
             _set_state(mi, "stopped", 80)
         self.later(work)
 
@@ -275,17 +323,18 @@ class Sim:
         _set_state(mi, "pending", 0)
 
         def work():
-            time.sleep(self.state_delay)
+            time.sleep(self.timing.draw("start"))
             with inst.lock:
                 self._boot_os(inst)
-            _set_state(mi, "running", 16)  # sshd answers a moment later, as at launch
+            _set_state(mi, "running", 16)  # sshd answers later, as at launch
         self.later(work)
 
     # ---- volumes -----------------------------------------------------------
     def attach(self, vol, mi, att):
         inst = self.insts[mi.id]
         att.status = "attaching"
-        delay = max(self.state_delay, float(faults.load(self.sdir).get("attach_delay", 0)))
+        delay = max(self.timing.draw("attach"),
+                    float(faults.load(self.sdir).get("attach_delay", 0)))
 
         def work():
             time.sleep(delay)
@@ -321,7 +370,7 @@ class Sim:
                             hostops.remove_device(inst.init_pid, d["node"], d["minor"],
                                                   d["links"])
                         hostops.loop_detach(d["dev"], d["file"])
-            time.sleep(self.state_delay)
+            time.sleep(self.timing.draw("detach"))
             if vol.attachment is att:
                 att.status = "detached"
                 vol.attachment = None
@@ -335,7 +384,7 @@ class Sim:
         with open(vfile, "ab") as f:
             f.truncate(vol.size * 1024 ** 3)
         vol._sim_status = "creating"
-        self.after(self.state_delay, setattr, vol, "_sim_status", None)
+        self.after(self.timing.draw("volume_create"), setattr, vol, "_sim_status", None)
 
     def deleted(self, vid):
         try:
@@ -350,8 +399,12 @@ class Sim:
         snap.status = "pending"
 
         def work():
+            written = os.stat(vfile).st_blocks * 512
             hostops.copy_sparse(vfile, self.snap_file(snap.id))
-            time.sleep(self.state_delay)
+            # Its time grows with the data: the bytes written to the volume (its file's
+            # allocated blocks; EBS copies written blocks only). No increments: each
+            # snapshot counts them all, as a volume's first snapshot does.
+            time.sleep(self.timing.snapshot(written))
             snap.status = "completed"
         self.later(work)
 

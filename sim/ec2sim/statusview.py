@@ -9,6 +9,7 @@ from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
 
 PATH = "/_ec2sim/status"
+TIMING = "fast"  # the daemon's timing profile (timing.py), set by daemon.main
 REGION = "us-east-1"  # the region the exports name; the only one status ever reported
 # An instance's "shutdown": who stopped or terminated it, from EC2's StateReason code.
 SHUTDOWN = {"Client.InstanceInitiatedShutdown": "instance-initiated",
@@ -21,8 +22,8 @@ def _tags(backend, rid):
 
 
 def _snapshot(backend, sdir):
-    out = {"instances": [], "volumes": [], "snapshots": [], "security_groups": [],
-           "key_pairs": []}
+    out = {"timing": TIMING, "instances": [], "volumes": [], "snapshots": [],
+           "security_groups": [], "key_pairs": []}
     for res in list(backend.reservations.values()):
         for mi in list(res.instances):
             reason = getattr(mi.state_reason, "code", None) or None

@@ -127,6 +127,12 @@ class Sim:
         return r
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: takes tens of seconds (real EC2 timing); in the normal suite, "
+        "deselect with -m 'not slow'")
+
+
 def host_snapshot():
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout

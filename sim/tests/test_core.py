@@ -275,7 +275,9 @@ def test_snapshot_copy_and_restore(sim, nitro):
 
 def test_status_shape(sim, nitro):
     st = sim.status()
-    assert set(st) == {"instances", "volumes", "snapshots", "security_groups", "key_pairs"}
+    assert set(st) == {"timing", "instances", "volumes", "snapshots", "security_groups",
+                       "key_pairs"}
+    assert st["timing"] == "fast"
     i = next(x for x in st["instances"] if x["id"] == nitro["InstanceId"])
     assert set(i) == {"id", "state", "type", "zone", "address", "image", "key_name", "tags",
                       "security_groups", "state_reason", "shutdown"}
