@@ -36,6 +36,10 @@ mount -t tmpfs -o mode=755 ec2sim-run /run
 mkdir -p /run/ec2sim /run/sshd
 chmod 755 /run/sshd
 mount --bind "$I" /run/ec2sim
+# The simulator's own files are read now, while the host's tree is all visible: the repo may
+# itself live under /tmp (a fresh clone), which the tmpfs below hides.
+cp "$HERE/power.sh" /run/ec2sim-power
+chmod 0755 /run/ec2sim-power
 
 # Private /dev: only the basics plus the volumes we mknod later (host loop devices stay hidden).
 mount -t tmpfs -o mode=755 ec2sim-dev /dev
@@ -65,8 +69,6 @@ done
 mount --bind /run/ec2sim/etc/sudoers.d /etc/sudoers.d
 hostname "$HN"
 # What the mounts below bind, made first: once the image is mounted, cp or chmod may be gone.
-cp "$HERE/power.sh" /run/ec2sim-power
-chmod 0755 /run/ec2sim-power
 : > /run/no-such-program
 chmod 0444 /run/no-such-program
 # The image: programs missing or broken (faults missing-tool, broken-tool, no-python). The
