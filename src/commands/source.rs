@@ -6,10 +6,9 @@ use std::future::Future;
 
 use crate::cloud::aws::{self, AwsCloud};
 use crate::cloud::{valid_volume_id, Volume};
-use crate::commands::backup::plan::find_volume;
 use crate::error::{Error, Failure};
 use crate::helper::lease::{Attached, Disk, Lease};
-use crate::helper::plan::{self as helper_plan, input, HelperOptions, Pinned};
+use crate::helper::plan::{self as helper_plan, find_volume, input, HelperOptions, Pinned};
 use crate::helper::probe::{self, Content};
 use crate::method::{Method, MethodError};
 use crate::report::Reporter;

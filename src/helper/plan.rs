@@ -264,6 +264,19 @@ pub async fn decide<C: Cloud>(
     })
 }
 
+/// A volume by ID, which must exist in the region.
+pub async fn find_volume<C: Cloud>(
+    cloud: &C,
+    region: &str,
+    id: &str,
+) -> Result<crate::cloud::Volume, Error> {
+    cloud
+        .describe_volume(id)
+        .await
+        .map_err(input)?
+        .ok_or_else(|| Error::Invalid(format!("the volume {id} does not exist in {region}")))
+}
+
 /// A volume the helper is to attach must be free.
 pub fn check_free(v: &crate::cloud::Volume) -> Result<(), Error> {
     if v.state == "available" {

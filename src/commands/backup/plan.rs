@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use crate::cloud::{valid_volume_id, Cloud, Volume};
 use crate::error::Error;
-use crate::helper::plan::{self as helper_plan, input, HelperOptions, HelperPlan, Pinned};
+use crate::helper::plan::{self as helper_plan, find_volume, HelperOptions, HelperPlan, Pinned};
 use crate::method::Method;
 use crate::report::Reporter;
 use crate::walk::{self, Inventory};
@@ -179,15 +179,6 @@ pub async fn decide<C: Cloud>(
         existing_volume,
         helper,
     })
-}
-
-/// A volume by ID, which must exist in the region.
-pub async fn find_volume<C: Cloud>(cloud: &C, region: &str, id: &str) -> Result<Volume, Error> {
-    cloud
-        .describe_volume(id)
-        .await
-        .map_err(input)?
-        .ok_or_else(|| Error::Invalid(format!("the volume {id} does not exist in {region}")))
 }
 
 /// A `-v` volume must be free and big enough: for dd, for the archive's measured length
