@@ -121,10 +121,19 @@ impl Ledger {
             Resource::Volume(_) => 3,
             Resource::SecurityGroup(_) => 4,
         });
-        // Volumes and security groups can only go once the instance is gone.
-        let wait_for_termination = items
+        // A security group can only go once the instance is gone, and a volume still attached
+        // (its detach failed) once termination has let go of it: only then is termination
+        // awaited (on EC2 it takes tens of seconds).
+        let groups = items
             .iter()
-            .any(|r| matches!(r, Resource::Volume(_) | Resource::SecurityGroup(_)));
+            .any(|r| matches!(r, Resource::SecurityGroup(_)));
+        let volumes: Vec<String> = items
+            .iter()
+            .filter_map(|r| match r {
+                Resource::Volume(v) => Some(v.clone()),
+                _ => None,
+            })
+            .collect();
         for item in items {
             match &item {
                 Resource::Mount(point) => {
@@ -163,7 +172,7 @@ impl Ledger {
                         left.push(format!("the helper instance {id} is still running ({e})"));
                         continue;
                     }
-                    if wait_for_termination {
+                    if groups || still_attached(cloud, &volumes).await {
                         if let Err(e) =
                             wait::instance_terminated(cloud, id, Duration::from_secs(300)).await
                         {
@@ -211,6 +220,18 @@ impl Ledger {
     }
 }
 
+/// Whether any of `volumes` is still attached to something (or cannot be told).
+async fn still_attached<C: Cloud>(cloud: &C, volumes: &[String]) -> bool {
+    for v in volumes {
+        match cloud.describe_volume(v).await {
+            Ok(Some(vol)) if vol.attachments.is_empty() => {}
+            Ok(None) => {}
+            _ => return true,
+        }
+    }
+    false
+}
+
 /// Deletes a security group, waiting while EC2 still counts the terminated helper's network
 /// interface as a user of it (DependencyViolation lasts a little after termination).
 pub(crate) async fn delete_group<C: Cloud>(
@@ -242,10 +263,7 @@ mod tests {
     /// A helper with a volume of its own attached and its security group, all recorded in
     /// the order a run makes them.
     async fn helper_with_volume(fake: &FakeCloud) -> (Ledger, String, String, String) {
-        let sg = fake
-            .create_ssh_group("g", "vpc-1", "127.0.0.1/32", &vec![])
-            .await
-            .unwrap();
+        let sg = fake.create_group("g", "vpc-1", &vec![]).await.unwrap();
         let i = fake.run_instance(&LaunchRequest::default()).await.unwrap();
         let v = fake.create_volume("fake-1a", 1, &vec![]).await.unwrap();
         fake.attach_volume(&v, &i, "/dev/sdf").await.unwrap();

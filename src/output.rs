@@ -93,7 +93,7 @@ pub fn dry_run(plan: &Plan, method: Method, as_json: bool) -> String {
     }
     if let Some(g) = &helper.ssh_group {
         lines.push(format!(
-            "  create a security group in {} admitting ssh from {} only",
+            "  use the helpers' security group ec2-backup-ssh in {} (made if missing), admitting ssh from {} only",
             g.vpc, g.cidr
         ));
     }

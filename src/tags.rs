@@ -27,6 +27,8 @@ pub mod key {
     pub const BYTES: &str = "ec2-backup:bytes";
     /// On a key pair: a token of the import that made it (see `run::launch`).
     pub const KEY_TOKEN: &str = "ec2-backup:key-token";
+    /// On the helpers' shared security group (kept between runs; `gc` removes it when idle).
+    pub const SHARED_GROUP: &str = "ec2-backup:shared-group";
     /// The EC2 console name.
     pub const NAME: &str = "Name";
 }

@@ -59,7 +59,8 @@ fn key_pairs(status: &Value) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-/// The security groups ec2-backup makes for its helpers (named `ec2-backup-RUN`).
+/// Security groups a run would have to remove (per-run `ec2-backup-RUN` ones); the helpers'
+/// shared group `ec2-backup-ssh` is kept between runs by design.
 fn backup_groups(status: &Value) -> BTreeSet<String> {
     status["security_groups"]
         .as_array()
@@ -68,7 +69,7 @@ fn backup_groups(status: &Value) -> BTreeSet<String> {
                 .filter(|g| {
                     g["name"]
                         .as_str()
-                        .is_some_and(|n| n.starts_with("ec2-backup-"))
+                        .is_some_and(|n| n.starts_with("ec2-backup-") && n != "ec2-backup-ssh")
                 })
                 .filter_map(|g| g["id"].as_str().map(str::to_string))
                 .collect()

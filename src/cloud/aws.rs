@@ -493,28 +493,41 @@ impl Cloud for AwsCloud {
             .map(str::to_string))
     }
 
-    async fn create_ssh_group(
-        &self,
-        name: &str,
-        vpc: &str,
-        cidr: &str,
-        tags: &Tags,
-    ) -> CloudResult<String> {
-        let action = "Creating the helper's security group";
+    async fn find_group(&self, vpc: &str, name: &str) -> CloudResult<Option<String>> {
+        let by = |n: &str, v: &str| Filter::builder().name(n).values(v).build();
+        let out = self
+            .ec2
+            .describe_security_groups()
+            .filters(by("vpc-id", vpc))
+            .filters(by("group-name", name))
+            .send()
+            .await
+            .map_err(|e| fail("Looking up the helpers' security group", e))?;
+        Ok(out
+            .security_groups()
+            .first()
+            .and_then(|g| g.group_id())
+            .map(str::to_string))
+    }
+
+    async fn create_group(&self, name: &str, vpc: &str, tags: &Tags) -> CloudResult<String> {
+        let action = "Creating the helpers' security group";
         let out = self
             .ec2
             .create_security_group()
             .group_name(name)
-            .description("ec2-backup helper: ssh from the machine running the backup only")
+            .description("ec2-backup helpers: ssh from the machines running backups only")
             .vpc_id(vpc)
             .tag_specifications(tag_spec(ResourceType::SecurityGroup, tags))
             .send()
             .await
             .map_err(|e| fail(action, e))?;
-        let id = out
-            .group_id()
+        out.group_id()
             .map(str::to_string)
-            .ok_or_else(|| CloudError::new(action, "EC2 returned no group ID"))?;
+            .ok_or_else(|| CloudError::new(action, "EC2 returned no group ID"))
+    }
+
+    async fn allow_ssh(&self, group: &str, cidr: &str) -> CloudResult<()> {
         let range = if cidr.contains(':') {
             IpPermission::builder().ipv6_ranges(
                 Ipv6Range::builder()
@@ -531,19 +544,21 @@ impl Cloud for AwsCloud {
             )
         };
         let rule = range.ip_protocol("tcp").from_port(22).to_port(22).build();
-        if let Err(e) = self
+        match self
             .ec2
             .authorize_security_group_ingress()
-            .group_id(&id)
+            .group_id(group)
             .ip_permissions(rule)
             .send()
             .await
         {
-            // The group exists but is useless: remove it before reporting.
-            let _ = self.delete_security_group(&id).await;
-            return Err(fail(action, e));
+            Ok(_) => Ok(()),
+            Err(e) if is_code(&e, "InvalidPermission.Duplicate") => Ok(()),
+            Err(e) => Err(fail(
+                "Letting ssh in through the helpers' security group",
+                e,
+            )),
         }
-        Ok(id)
     }
 
     async fn delete_security_group(&self, id: &str) -> CloudResult<()> {

@@ -316,18 +316,40 @@ impl Cloud for FakeCloud {
         self.with("DescribeVpcs".into(), |_| Ok(Some("vpc-1".into())))
     }
 
-    async fn create_ssh_group(
-        &self,
-        _name: &str,
-        _vpc: &str,
-        _cidr: &str,
-        tags: &Tags,
-    ) -> CloudResult<String> {
-        self.with("CreateSecurityGroup".into(), |s| {
+    async fn find_group(&self, _vpc: &str, name: &str) -> CloudResult<Option<String>> {
+        self.with(format!("DescribeSecurityGroups {name}"), |s| {
+            Ok(s.groups
+                .iter()
+                .find(|(_, t)| t.get("Name").map(String::as_str) == Some(name))
+                .map(|(id, _)| id.clone()))
+        })
+    }
+
+    async fn create_group(&self, name: &str, _vpc: &str, tags: &Tags) -> CloudResult<String> {
+        self.with(format!("CreateSecurityGroup {name}"), |s| {
+            if s.groups
+                .values()
+                .any(|t| t.get("Name").map(String::as_str) == Some(name))
+            {
+                return Err(CloudError {
+                    action: "Creating the helpers' security group",
+                    code: Some("InvalidGroup.Duplicate".into()),
+                    message: format!("{name} exists"),
+                });
+            }
             let id = Self::id(s, "sg");
-            s.groups.insert(id.clone(), tags.iter().cloned().collect());
+            let mut t: BTreeMap<String, String> = tags.iter().cloned().collect();
+            t.insert("Name".into(), name.into());
+            s.groups.insert(id.clone(), t);
             Ok(id)
         })
+    }
+
+    async fn allow_ssh(&self, group: &str, cidr: &str) -> CloudResult<()> {
+        self.with(
+            format!("AuthorizeSecurityGroupIngress {group} {cidr}"),
+            |_| Ok(()),
+        )
     }
 
     async fn delete_security_group(&self, id: &str) -> CloudResult<()> {
@@ -466,7 +488,9 @@ faulty! {
     zones_for(instance_type: &str) -> Vec<String> = "DescribeInstanceTypeOfferings";
     subnet_info(subnet_id: &str) -> (String, String) = "DescribeSubnets";
     default_vpc() -> Option<String> = "DescribeVpcs";
-    create_ssh_group(name: &str, vpc: &str, cidr: &str, tags: &Tags) -> String = "CreateSecurityGroup";
+    find_group(vpc: &str, name: &str) -> Option<String> = "DescribeSecurityGroups";
+    create_group(name: &str, vpc: &str, tags: &Tags) -> String = "CreateSecurityGroup";
+    allow_ssh(group: &str, cidr: &str) -> () = "AuthorizeSecurityGroupIngress";
     delete_security_group(id: &str) -> () = "DeleteSecurityGroup";
     tagged(kind: ResourceKind, key: &str) -> Vec<Tagged> = "Describe";
 }

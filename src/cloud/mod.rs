@@ -255,14 +255,22 @@ pub trait Cloud: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = CloudResult<(String, String)>> + Send;
     fn default_vpc(&self) -> impl Future<Output = CloudResult<Option<String>>> + Send;
 
-    /// Creates a security group that lets `cidr` reach tcp/22 and nothing else in.
-    fn create_ssh_group(
+    /// The security group named `name` in `vpc`, if there is one.
+    fn find_group(
+        &self,
+        vpc: &str,
+        name: &str,
+    ) -> impl Future<Output = CloudResult<Option<String>>> + Send;
+    /// Creates an empty security group (no ingress). A group of that name in that VPC
+    /// already: `InvalidGroup.Duplicate`.
+    fn create_group(
         &self,
         name: &str,
         vpc: &str,
-        cidr: &str,
         tags: &Tags,
     ) -> impl Future<Output = CloudResult<String>> + Send;
+    /// Lets `cidr` reach tcp/22 through `group`; a rule that is there already is fine.
+    fn allow_ssh(&self, group: &str, cidr: &str) -> impl Future<Output = CloudResult<()>> + Send;
     fn delete_security_group(&self, id: &str) -> impl Future<Output = CloudResult<()>> + Send;
 
     /// Instances, volumes and security groups that carry the tag key `key`.

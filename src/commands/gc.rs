@@ -34,10 +34,11 @@ pub struct GcReport {
 
 pub async fn gc(options: &GcOptions) -> Result<GcReport, Error> {
     let cloud = aws::connect().await.map_err(crate::helper::plan::input)?;
-    let (instances, volumes, groups) = tokio::try_join!(
+    let (instances, volumes, groups, shared) = tokio::try_join!(
         cloud.tagged(ResourceKind::Instance, RUN_TAG),
         cloud.tagged(ResourceKind::Volume, RUN_TAG),
         cloud.tagged(ResourceKind::SecurityGroup, RUN_TAG),
+        cloud.tagged(ResourceKind::SecurityGroup, crate::tags::key::SHARED_GROUP),
     )?;
     let now = chrono::Utc::now();
     let here = hostname();
@@ -97,6 +98,15 @@ pub async fn gc(options: &GcOptions) -> Result<GcReport, Error> {
             doomed_groups.push(g.id.clone());
         }
     }
+    // The helpers' shared group is kept between runs; gc removes it once no helper uses it
+    // (the next run makes it again).
+    for g in &shared {
+        lines.push(format!(
+            "{} security group {} (the helpers' shared group, unless a helper uses it then)",
+            verb("delete", "deleting"),
+            g.id
+        ));
+    }
     if !options.yes {
         return Ok(GcReport {
             lines,
@@ -140,6 +150,19 @@ pub async fn gc(options: &GcOptions) -> Result<GcReport, Error> {
             leftovers.push(format!(
                 "the security group {id} could not be deleted ({e})"
             ));
+        }
+    }
+    // One try each: a shared group a helper still uses is kept (the next gc takes it).
+    for g in &shared {
+        match cloud.delete_security_group(&g.id).await {
+            Ok(()) => {}
+            Err(e) if e.code.as_deref() == Some("DependencyViolation") => {
+                lines.push(format!("kept security group {}: a helper uses it", g.id));
+            }
+            Err(e) => leftovers.push(format!(
+                "the security group {} could not be deleted ({e})",
+                g.id
+            )),
         }
     }
     Ok(GcReport { lines, leftovers })

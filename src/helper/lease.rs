@@ -28,6 +28,8 @@ pub const DEVICE: &str = "/dev/sdf";
 const LOGIN_USER: &str = "ec2-user";
 /// How long any one state change may take.
 pub const STATE_LIMIT: Duration = Duration::from_secs(300);
+/// The security group every helper in a VPC shares (unless the user names groups).
+pub const SHARED_GROUP: &str = "ec2-backup-ssh";
 /// How long a run waits for another on this host to finish making the key pair.
 const KEY_LOCK_LIMIT: Duration = Duration::from_secs(120);
 
@@ -327,28 +329,46 @@ impl<C: Cloud> Lease<C> {
         }
     }
 
-    /// The helper's security groups: the user's, and one of this run's own letting ssh in
-    /// from the caller's address only, when the plan calls for it.
+    /// The helper's security groups: the user's, or the helpers' shared group
+    /// ([`SHARED_GROUP`]) letting ssh in from the caller's address only.
+    ///
+    /// The shared group is found or made (by name: a group made at the same moment by another
+    /// run answers Duplicate and is found), given this caller's rule (idempotent), and kept
+    /// for later runs: a run never waits for its helper's termination only to be allowed to
+    /// delete a group (on EC2 that takes tens of seconds, and the group stays "in use" a while
+    /// after). A group no instance uses admits nothing; `gc` removes it when idle.
     async fn security_groups(&self) -> Result<Vec<String>, Error> {
         let mut groups = self.options.launch.security_group_ids.clone();
-        if let Some(g) = &self.plan.ssh_group {
-            let name = format!("ec2-backup-{}", self.run_id);
-            let (c, g2, tags) = (
-                self.cloud.clone(),
-                g.clone(),
-                self.tags(&[(key::NAME, name.clone())]),
-            );
-            let id = self
-                .ledger
-                .create(
-                    async move { c.create_ssh_group(&name, &g2.vpc, &g2.cidr, &tags).await },
-                    |id: &String| Resource::SecurityGroup(id.clone()),
-                )
-                .await?;
-            self.report
-                .step(&format!("created {id}: ssh from {} only", g.cidr));
-            groups.push(id);
-        }
+        let Some(g) = &self.plan.ssh_group else {
+            return Ok(groups);
+        };
+        let cloud = &self.cloud;
+        let id = match cloud.find_group(&g.vpc, SHARED_GROUP).await? {
+            Some(id) => id,
+            None => {
+                let tags = vec![
+                    (key::NAME.to_string(), SHARED_GROUP.to_string()),
+                    (key::SHARED_GROUP.to_string(), "ssh".to_string()),
+                    (key::CREATED.to_string(), crate::tags::now()),
+                ];
+                match cloud.create_group(SHARED_GROUP, &g.vpc, &tags).await {
+                    Ok(id) => {
+                        self.report.step(&format!("created {id} ({SHARED_GROUP})"));
+                        id
+                    }
+                    Err(e) if e.code.as_deref() == Some("InvalidGroup.Duplicate") => {
+                        cloud.find_group(&g.vpc, SHARED_GROUP).await?.ok_or(e)?
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        cloud.allow_ssh(&id, &g.cidr).await?;
+        self.report.step(&format!(
+            "{id} ({SHARED_GROUP}) admits ssh from {} only",
+            g.cidr
+        ));
+        groups.push(id);
         Ok(groups)
     }
 
@@ -618,8 +638,37 @@ mod tests {
         let left = lease.cleanup(&mut signals).await;
         assert!(left.is_empty(), "{left:?}");
         assert!(fake.volumes().is_empty(), "{:?}", fake.volumes());
-        assert!(fake.groups().is_empty());
         assert_eq!(fake.instance_states(), ["terminated"]);
+        // Only the helpers' shared group stays, for the next run.
+        assert_eq!(fake.groups().len(), 1);
+        let calls = fake.calls();
+        assert!(
+            !calls.iter().any(|c| c.starts_with("DeleteSecurityGroup")),
+            "{calls:?}"
+        );
+    }
+
+    /// Every lease in a VPC shares one group: made by the first, found by the next.
+    #[tokio::test]
+    async fn leases_share_one_security_group() {
+        let home = tempfile::tempdir().unwrap();
+        let fake = FakeCloud::default();
+        let first = lease(fake.clone(), home.path())
+            .security_groups()
+            .await
+            .unwrap();
+        let second = lease(fake.clone(), home.path())
+            .security_groups()
+            .await
+            .unwrap();
+        assert_eq!(first, second);
+        let creates = |f: &FakeCloud| {
+            f.calls()
+                .iter()
+                .filter(|c| c.starts_with("CreateSecurityGroup"))
+                .count()
+        };
+        assert_eq!(creates(&fake), 1);
     }
 
     /// A user's volume is never deleted, whatever fails.
