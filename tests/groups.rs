@@ -81,19 +81,7 @@ fn runs_started_together_share_one_group_and_gc_removes_it_when_idle() {
 
     // Kept after the runs (they returned while their helpers shut down); gc removes it once
     // no helper uses it.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while status()["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|i| i["state"] != "terminated")
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "helpers still shutting down"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    all_terminated();
     assert_eq!(shared_groups(), groups, "kept between runs");
     let r = run(ec2_backup().arg("gc"));
     assert!(r.stdout.contains(&groups[0]), "{}", r.stdout);

@@ -250,7 +250,10 @@ fn lost(code: i32) -> MethodError {
 }
 
 /// Runs a prepared rsync to its end (killed if the run is dropped), stderr captured.
-async fn run_rsync(mut cmd: Command, stdout: Stdio) -> Result<std::process::Output, MethodError> {
+pub(crate) async fn run_rsync(
+    mut cmd: Command,
+    stdout: Stdio,
+) -> Result<std::process::Output, MethodError> {
     detach_from_terminal_signals(&mut cmd);
     cmd.stdin(Stdio::null())
         .stdout(stdout)

@@ -8,7 +8,7 @@ use std::process::Stdio;
 
 use tokio::process::Command;
 
-use crate::helper::ssh::{describe_failure, detach_from_terminal_signals, Session};
+use crate::helper::ssh::{describe_failure, Session};
 use crate::method::MethodError;
 
 /// Where a backup is mounted for reading on the helper.
@@ -68,7 +68,7 @@ pub async fn restore(ssh: &Session, dest: &Path, paths: &[OsString]) -> Result<(
     let mut to = OsString::from(dest.as_os_str());
     to.push("/");
     cmd.arg(to);
-    let out = run(cmd).await?;
+    let out = super::run_rsync(cmd, Stdio::piped()).await?;
     match out.status.code() {
         Some(0) => Ok(()),
         code => Err(MethodError::Failed(format!(
@@ -88,7 +88,7 @@ pub async fn compare(ssh: &Session, dir: &Path) -> Result<Vec<(String, String)>,
     from.push("/");
     cmd.arg(from);
     cmd.arg(format!("{}:{READ_POINT}/", ssh.rsync_host()));
-    let out = run(cmd).await?;
+    let out = super::run_rsync(cmd, Stdio::piped()).await?;
     if out.status.code() != Some(0) {
         return Err(MethodError::Failed(format!(
             "comparing with rsync failed: {}",
@@ -142,20 +142,6 @@ fn itemized(line: &str) -> Option<(String, String)> {
     .map(|(_, _, w)| *w)
     .collect();
     (!what.is_empty()).then(|| (what.join(", "), path))
-}
-
-async fn run(mut cmd: Command) -> Result<std::process::Output, MethodError> {
-    detach_from_terminal_signals(&mut cmd);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| MethodError::Spawn {
-            program: "rsync",
-            source: e,
-        })
 }
 
 #[cfg(test)]
