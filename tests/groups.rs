@@ -47,18 +47,8 @@ fn runs_started_together_share_one_group_and_gc_removes_it_when_idle() {
     let src = s.path().join("src");
     fs::create_dir(&src).unwrap();
     fs::write(src.join("f"), b"shared").unwrap();
-    let children: Vec<_> = (0..3)
-        .map(|_| {
-            ec2_backup()
-                .arg(&src)
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for child in children {
-        Run::from(child.wait_with_output().unwrap()).volume_id();
+    for r in backups_at_once(&src, 3) {
+        r.volume_id();
     }
     let groups = shared_groups();
     assert_eq!(groups.len(), 1, "one group for all: {groups:?}");

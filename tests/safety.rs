@@ -266,18 +266,7 @@ fn parallel_first_runs_all_succeed() {
     boto("try:\n    ec2.delete_key_pair(KeyName='EC2-Backup-Key')\nexcept Exception:\n    pass");
     let s = scratch();
     let src = small_tree(s.path());
-    let children: Vec<_> = (0..3)
-        .map(|_| {
-            ec2_backup()
-                .arg(&src)
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for child in children {
-        let r = Run::from(child.wait_with_output().unwrap());
+    for r in backups_at_once(&src, 3) {
         let vol = r.volume_id();
         let out = s.path().join(&vol);
         fs::create_dir(&out).unwrap();

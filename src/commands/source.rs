@@ -5,7 +5,7 @@
 use std::future::Future;
 
 use crate::cloud::aws::{self, AwsCloud};
-use crate::cloud::{valid_volume_id, Volume};
+use crate::cloud::Volume;
 use crate::error::{Error, Failure};
 use crate::helper::lease::{Attached, Disk, Lease};
 use crate::helper::plan::{self as helper_plan, find_volume, input, HelperOptions, Pinned};
@@ -27,13 +27,7 @@ pub struct Backup {
 
 /// Checks `source` before any cloud call.
 pub fn check_id(source: &str) -> Result<(), Error> {
-    if valid_volume_id(source) {
-        Ok(())
-    } else {
-        Err(Error::Usage(format!(
-            "'{source}' is not a volume ID (they look like vol-0123456789abcdef0)"
-        )))
-    }
+    helper_plan::check_volume_id(source)
 }
 
 /// A backup leased to a helper, checked, ready to read.

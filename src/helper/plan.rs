@@ -264,6 +264,17 @@ pub async fn decide<C: Cloud>(
     })
 }
 
+/// A volume ID as EC2 makes them, checked before any cloud call (bad input: exit 2).
+pub fn check_volume_id(id: &str) -> Result<(), Error> {
+    if crate::cloud::valid_volume_id(id) {
+        Ok(())
+    } else {
+        Err(Error::Usage(format!(
+            "'{id}' is not a volume ID (they look like vol-0123456789abcdef0)"
+        )))
+    }
+}
+
 /// A volume by ID, which must exist in the region.
 pub async fn find_volume<C: Cloud>(
     cloud: &C,

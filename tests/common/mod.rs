@@ -160,6 +160,25 @@ pub fn backup(args: &[&OsStr], dir: &Path) -> Run {
     run(ec2_backup().args(args).arg(dir))
 }
 
+/// Starts `n` backups of `dir` at once (one HOME, as cron entries of the same minute) and
+/// waits for them all.
+pub fn backups_at_once(dir: &Path, n: usize) -> Vec<Run> {
+    let children: Vec<_> = (0..n)
+        .map(|_| {
+            ec2_backup()
+                .arg(dir)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| Run::from(c.wait_with_output().unwrap()))
+        .collect()
+}
+
 /// Extracts a dd volume's archive into `into` (as root, keeping owners, ACLs, xattrs).
 pub fn extract_dd(volume_id: &str, into: &Path) {
     let file = volume_file(volume_id);

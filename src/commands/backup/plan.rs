@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use crate::cloud::{valid_volume_id, Cloud, Volume};
+use crate::cloud::{Cloud, Volume};
 use crate::error::Error;
 use crate::helper::plan::{self as helper_plan, find_volume, HelperOptions, HelperPlan, Pinned};
 use crate::method::Method;
@@ -39,11 +39,7 @@ impl Options {
             Error::Usage(format!("unknown method '{method}': use -m dd or -m rsync"))
         })?;
         if let Some(v) = &volume {
-            if !valid_volume_id(v) {
-                return Err(Error::Usage(format!(
-                    "'{v}' is not a volume ID (they look like vol-0123456789abcdef0)"
-                )));
-            }
+            helper_plan::check_volume_id(v)?;
         }
         let dir = dir.ok_or_else(|| Error::Usage("the directory to back up is missing".into()))?;
         Ok(Options {
