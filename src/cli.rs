@@ -26,7 +26,8 @@ Environment:
   EC2_BACKUP_WATCHDOG_SECONDS  the helper powers itself off (taking the run's own volume
                            with it) this long after the run's last heartbeat (default 300)
   EC2_BACKUP_SSH_CIDR      the address allowed to reach the helper's ssh port (default:
-                           this machine's public address, from checkip.amazonaws.com)
+                           this machine's address as the helper sees it: the route's
+                           source, or checkip.amazonaws.com's answer behind NAT)
   AWS_PROFILE, AWS_REGION, AWS_ENDPOINT_URL, ...  the standard AWS configuration
 
 Other commands (a directory named like one is backed up as ./NAME):
@@ -34,10 +35,12 @@ Other commands (a directory named like one is backed up as ./NAME):
   ec2-backup verify SOURCE DIR      prove a backup holds exactly DIR (exit 5: it does not)
   ec2-backup list [--json]          the backups in the region
   ec2-backup gc [--yes]             find (and remove) what killed runs left behind
+  ec2-backup prune --keep-daily 7 [--yes]  delete old backups by a retention policy
 
 Exit status: 0 done; 1 failed (cleaned up); 2 bad input (nothing created);
 3 some files unreadable or changed while read (the rest is on the printed volume);
-4 cleanup incomplete;
+4 cleanup incomplete; 5 verify: they differ;
+6 --snapshot: the backup is on the printed volume, its snapshot failed (and was removed);
 128+N interrupted by signal N.";
 
 /// `ec2-backup [options] dir` backs up; `ec2-backup COMMAND ...` runs another command. A
@@ -47,7 +50,7 @@ Exit status: 0 done; 1 failed (cleaned up); 2 bad input (nothing created);
     name = "ec2-backup",
     version,
     about = "Back up a directory into an Amazon EBS volume",
-    override_usage = "ec2-backup [-h] [-m method] [-v volume-id] [--overwrite] [--json] [--dry-run] dir\n       ec2-backup restore SOURCE DIR|- [--path SUB]...\n       ec2-backup verify SOURCE DIR\n       ec2-backup list [--json]\n       ec2-backup gc [--yes] [--older-than HOURS]\n       ec2-backup --version",
+    override_usage = "ec2-backup [-h] [-m method] [-v volume-id] [--overwrite] [--json] [--dry-run] dir\n       ec2-backup restore SOURCE DIR|- [--path SUB]...\n       ec2-backup verify SOURCE DIR\n       ec2-backup list [--json]\n       ec2-backup gc [--yes] [--older-than HOURS]\n       ec2-backup prune --keep-last N [--keep-daily N ...] [--yes]\n       ec2-backup --version",
     long_about = ABOUT,
     after_help = AFTER,
     args_conflicts_with_subcommands = true,
@@ -67,19 +70,21 @@ pub enum Command {
     Verify(VerifyArgs),
     List(ListArgs),
     Gc(GcArgs),
+    Prune(PruneArgs),
 }
 
 /// `ec2-backup restore SOURCE DIR|- [--path SUB]...`
 #[derive(Debug, Args)]
 #[command(
     about = "Bring a backup back into a directory (or a dd archive to stdout)",
-    long_about = "Bring a backup back: SOURCE is a backup volume's ID (either method). DIR is \
-made, or must be empty. Run as root to get owners back. The volume is only read (read-only \
-device, read-only mount). With DIR '-', a dd backup's tar archive goes to stdout, for \
+    long_about = "Bring a backup back: SOURCE is a backup volume's or snapshot's ID (either \
+method; a snapshot is read through a temporary volume, deleted at the end). DIR is made, or \
+must be empty. Run as root to get owners back. The volume is only read (read-only device, \
+read-only mount). With DIR '-', a dd backup's tar archive goes to stdout, for \
 '| tar -t' or '| tar -x'. A dd archive's SHA-256 is checked against its tag as it streams."
 )]
 pub struct RestoreArgs {
-    /// The backup: a volume ID
+    /// The backup: a volume or snapshot ID
     #[arg(value_name = "SOURCE")]
     pub source: String,
 
@@ -102,7 +107,7 @@ mtimes, link targets, hard links, entries only on one side. One line per differe
 ('WHAT: ./PATH', names C-escaped). Exit 0: identical; 5: they differ; 1: could not check."
 )]
 pub struct VerifyArgs {
-    /// The backup: a volume ID
+    /// The backup: a volume or snapshot ID
     #[arg(value_name = "SOURCE")]
     pub source: String,
 
@@ -147,9 +152,61 @@ pub struct BackupArgs {
     #[arg(long, requires = "volume")]
     pub overwrite: bool,
 
+    /// After the backup, take an EBS snapshot of the volume (a point of history; with -v,
+    /// also of the backup the volume held, if it has none yet) and wait until it is completed
+    #[arg(long)]
+    pub snapshot: bool,
+
+    /// As --snapshot, then delete the volume this run created: the snapshot is the backup,
+    /// and stdout carries its ID (not with -v)
+    #[arg(long, conflicts_with = "volume")]
+    pub snapshot_only: bool,
+
+    /// Encrypt the volumes this run creates (and so their snapshots) with this KMS key (ID,
+    /// ARN or alias; default: the region's default EBS key)
+    #[arg(long, value_name = "key-id")]
+    pub kms_key_id: Option<String>,
+
     /// The directory to back up
     #[arg(value_name = "dir", required = true)]
     pub dir: Option<PathBuf>,
+}
+
+/// `ec2-backup prune --keep-last N [--keep-hourly/daily/weekly/monthly/yearly N] [--yes]`
+#[derive(Debug, Args)]
+#[command(
+    override_usage = "ec2-backup prune [--keep-last N] [--keep-hourly N] [--keep-daily N] [--keep-weekly N] [--keep-monthly N] [--keep-yearly N] [--yes]",
+    about = "Delete old backups by a retention policy (restic's forget rules)",
+    long_about = "Delete old backups by a retention policy, restic's 'forget' rules: per group \
+(source host, exact directory, method; snapshots and volumes counted apart) keep the N newest \
+(--keep-last) and the newest of each of the last N hours, days, ISO weeks, months and years \
+that hold a backup (UTC, by the backup's finish time). Incomplete backups count toward no rule. \
+The newest backup of a group is always kept. Only snapshots a run kept and volumes a run \
+created are considered: never a snapshot you took, a volume named with -v, or anything \
+untagged. Without --yes, only lists what it would delete and why."
+)]
+pub struct PruneArgs {
+    /// Keep the N newest backups
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_last: u32,
+    /// Keep the newest backup of each of the last N hours that have one
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_hourly: u32,
+    /// Keep the newest backup of each of the last N days that have one
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_daily: u32,
+    /// Keep the newest backup of each of the last N ISO weeks that have one
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_weekly: u32,
+    /// Keep the newest backup of each of the last N months that have one
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_monthly: u32,
+    /// Keep the newest backup of each of the last N years that have one
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_yearly: u32,
+    /// Delete what the policy does not keep (without it, only show)
+    #[arg(long)]
+    pub yes: bool,
 }
 
 /// `ec2-backup gc [--yes] [--older-than HOURS]`

@@ -23,6 +23,9 @@ pub mod exit {
     pub const LEFTOVERS: i32 = 4;
     /// `verify`: the backup and the directory differ (each difference on stdout).
     pub const DIFFERENT: i32 = 5;
+    /// `--snapshot`: the backup is on the volume (its ID printed), but its snapshot failed
+    /// and was removed.
+    pub const NO_SNAPSHOT: i32 = 6;
 }
 
 #[derive(Debug, Error)]
@@ -46,6 +49,13 @@ pub enum Error {
     Method(#[from] MethodError),
     #[error("interrupted by {name}")]
     Interrupted { name: &'static str, number: i32 },
+    /// The backup is complete on `volume_id`, but its snapshot failed (or the run was
+    /// interrupted while waiting for it); the snapshot was removed, the volume stands.
+    #[error("{error}; the backup is complete on {volume_id}, without a snapshot")]
+    NoSnapshot {
+        volume_id: String,
+        error: Box<Error>,
+    },
     /// A restore that stopped after it began writing: what is in `dir` is partial.
     #[error("{error}; {} holds a partial restore", dir.display())]
     Partial {
@@ -62,6 +72,10 @@ impl Error {
             Error::Key(_) => exit::INPUT,
             Error::Interrupted { number, .. } => 128 + number,
             Error::Partial { error, .. } => error.exit_code(),
+            Error::NoSnapshot { error, .. } => match **error {
+                Error::Interrupted { number, .. } => 128 + number,
+                _ => exit::NO_SNAPSHOT,
+            },
             _ => exit::FAILED,
         }
     }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::cloud::snapshot::Snapshots;
 use crate::cloud::{wait, Cloud, CloudError, CloudResult};
 use crate::helper::ssh::Session;
 use crate::report::Reporter;
@@ -24,6 +25,9 @@ pub enum Resource {
     SecurityGroup(String),
     /// The volume's filesystem is mounted on the helper at this point.
     Mount(String),
+    /// A snapshot this run started and has not kept yet (deleted on failure; EC2 accepts
+    /// that while it is pending and removes it once it completes).
+    Snapshot(String),
 }
 
 impl Resource {
@@ -37,6 +41,7 @@ impl Resource {
             }
             Resource::Mount(point) => format!("the mount at {point} on the helper"),
             Resource::SecurityGroup(id) => format!("the security group {id}"),
+            Resource::Snapshot(id) => format!("the snapshot {id}"),
         }
     }
 }
@@ -104,7 +109,7 @@ impl Ledger {
 
     /// Unwinds everything recorded, newest first, and returns what could not be removed
     /// (as sentences naming the resource). Every step is attempted whatever failed before.
-    pub async fn unwind<C: Cloud>(
+    pub async fn unwind<C: Snapshots>(
         &self,
         cloud: &C,
         ssh: Option<&Session>,
@@ -118,8 +123,9 @@ impl Ledger {
             Resource::Mount(_) => 0,
             Resource::Attachment { .. } => 1,
             Resource::Instance(_) => 2,
-            Resource::Volume(_) => 3,
-            Resource::SecurityGroup(_) => 4,
+            Resource::Snapshot(_) => 3,
+            Resource::Volume(_) => 4,
+            Resource::SecurityGroup(_) => 5,
         });
         // A security group can only go once the instance is gone, and a volume still attached
         // (its detach failed) once termination has let go of it: only then is termination
@@ -201,6 +207,13 @@ impl Ledger {
                     };
                     if let Err(e) = deleted {
                         left.push(format!("the volume {id} could not be deleted ({e})"));
+                        continue;
+                    }
+                }
+                Resource::Snapshot(id) => {
+                    report.step(&format!("deleting the snapshot {id} this run started"));
+                    if let Err(e) = cloud.delete_snapshot(id).await {
+                        left.push(format!("the snapshot {id} could not be deleted ({e})"));
                         continue;
                     }
                 }

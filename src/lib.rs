@@ -14,6 +14,7 @@ pub mod cost;
 pub mod error;
 pub mod flags;
 pub mod helper;
+pub mod history;
 pub mod ledger;
 pub mod method;
 pub mod output;

@@ -5,11 +5,13 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::Parser;
-use ec2_backup::cli::{Cli, Command, GcArgs, RestoreArgs, VerifyArgs};
+use ec2_backup::cli::{Cli, Command, GcArgs, PruneArgs, RestoreArgs, VerifyArgs};
 use ec2_backup::commands::backup::{self, Done};
 use ec2_backup::commands::gc::{self, GcOptions};
+use ec2_backup::commands::prune::{self, PruneOptions};
 use ec2_backup::commands::{list, restore, verify};
 use ec2_backup::error::{exit, sentence, Error};
+use ec2_backup::history::policy::Policy;
 use ec2_backup::output;
 use ec2_backup::report::say;
 
@@ -35,6 +37,7 @@ fn main() -> ExitCode {
         match cli.command {
             None => run_backup(cli.backup).await,
             Some(Command::Gc(args)) => run_gc(args).await,
+            Some(Command::Prune(args)) => run_prune(args).await,
             Some(Command::Restore(args)) => run_restore(args).await,
             Some(Command::Verify(args)) => run_verify(args).await,
             Some(Command::List(args)) => match list::run().await {
@@ -76,7 +79,24 @@ async fn run_backup(args: ec2_backup::cli::BackupArgs) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(failure) => failed(failure.error, &failure.leftovers),
+        Err(failure) => {
+            // The backup stands on its volume: stdout names it, as for a finished run.
+            if let Error::NoSnapshot { volume_id, error } = &failure.error {
+                let line = match as_json {
+                    true => serde_json::json!({
+                        "volume_id": volume_id,
+                        "snapshot_id": null,
+                        "error": sentence(&error.to_string()),
+                    })
+                    .to_string(),
+                    false => volume_id.clone(),
+                };
+                if print(&line).is_err() {
+                    return ExitCode::from(exit::FAILED as u8);
+                }
+            }
+            failed(failure.error, &failure.leftovers)
+        }
     }
 }
 
@@ -178,6 +198,45 @@ async fn run_verify(args: VerifyArgs) -> ExitCode {
         }
         // Could not check: 1, whatever kind of failure (a usage error keeps its 2).
         Err(failure) => failed(failure.error, &failure.leftovers),
+    }
+}
+
+async fn run_prune(args: PruneArgs) -> ExitCode {
+    let options = PruneOptions {
+        policy: Policy {
+            last: args.keep_last,
+            hourly: args.keep_hourly,
+            daily: args.keep_daily,
+            weekly: args.keep_weekly,
+            monthly: args.keep_monthly,
+            yearly: args.keep_yearly,
+        },
+        yes: args.yes,
+        verbose: ec2_backup::report::verbose_from_env(),
+    };
+    match prune::prune(&options).await {
+        Ok(report) => {
+            for line in &report.lines {
+                if print(line).is_err() {
+                    return ExitCode::from(exit::FAILED as u8);
+                }
+            }
+            let doomed = report.lines.iter().any(|l| !l.starts_with("keep "));
+            if report.lines.is_empty() {
+                say("ec2-backup: no backups made by ec2-backup to prune.");
+            } else if doomed && !args.yes {
+                say("ec2-backup: run again with --yes to delete these.");
+            }
+            if report.leftovers.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                fail(
+                    &format!("prune could not delete: {}", report.leftovers.join(", ")),
+                    exit::LEFTOVERS,
+                )
+            }
+        }
+        Err(e) => fail(&e.to_string(), e.exit_code()),
     }
 }
 

@@ -15,10 +15,14 @@ fn micro(usd: f64) -> f64 {
 
 pub fn backup(o: &Outcome, as_json: bool) -> String {
     if !as_json {
-        return o.volume_id.clone();
+        return match (&o.snapshot_id, o.volume_deleted) {
+            (Some(snapshot), true) => snapshot.clone(),
+            _ => o.volume_id.clone(),
+        };
     }
     json!({
-        "volume_id": o.volume_id,
+        "volume_id": (!o.volume_deleted).then_some(&o.volume_id),
+        "snapshot_id": o.snapshot_id,
         "volume_size_gib": o.size_gib,
         "method": o.method.as_str(),
         "bytes": o.transfer.bytes,
@@ -74,7 +78,8 @@ pub fn dry_run(plan: &Plan, method: Method, as_json: bool) -> String {
             "existing_volume": plan.existing_volume.as_ref().map(|v| &v.id),
             "new_volume_gib": plan.existing_volume.is_none().then_some(plan.new_volume_gib),
             "key_pair": key,
-            "security_group_ingress": helper.ssh_group.as_ref().map(|g| &g.cidr),
+            // null: the address the helper will see, found once it has one.
+            "security_group_ingress": helper.ssh_group.as_ref().and_then(|g| g.cidr.as_ref()),
             "estimated_seconds": seconds.round(),
             "estimated_instance_cost_usd": instance_cost.map(micro),
             "volume_cost_usd_per_month": volume_cost,
@@ -92,9 +97,13 @@ pub fn dry_run(plan: &Plan, method: Method, as_json: bool) -> String {
         lines.push(format!("  {k}"));
     }
     if let Some(g) = &helper.ssh_group {
+        let from = match &g.cidr {
+            Some(cidr) => cidr.clone(),
+            None => "this machine's address as the helper sees it".to_string(),
+        };
         lines.push(format!(
-            "  use the helpers' security group ec2-backup-ssh in {} (made if missing), admitting ssh from {} only",
-            g.vpc, g.cidr
+            "  use the helpers' security group ec2-backup-ssh in {} (made if missing), admitting ssh from {from} only",
+            g.vpc
         ));
     }
     lines.push(format!(

@@ -30,6 +30,12 @@ pub mod key {
     /// On the helpers' shared security group (kept between runs; `gc` removes it when idle).
     pub const SHARED_GROUP: &str = "ec2-backup:shared-group";
     /// The EC2 console name.
+    /// On a snapshot: the run saw it completed and kept it (one without is a failed run's).
+    pub const KEPT: &str = "ec2-backup:kept";
+    /// The SHA-256 of the source directory's path bytes (the path tag is cut at 255).
+    pub const SOURCE_DIR_HASH: &str = "ec2-backup:source-dir-sha256";
+    /// On a volume: a user named it with -v (prune never deletes it).
+    pub const NAMED_VOLUME: &str = "ec2-backup:named-volume";
     pub const NAME: &str = "Name";
 }
 

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
+use super::snapshot::{Snapshot, Snapshots};
 use super::{
     Arch, Attachment, Cloud, CloudError, CloudResult, Instance, LaunchRequest, ResourceKind,
     RootDisk, Tagged, Tags, Volume,
@@ -18,6 +19,7 @@ struct State {
     instances: BTreeMap<String, Instance>,
     groups: BTreeMap<String, BTreeMap<String, String>>,
     key_pairs: BTreeMap<String, BTreeMap<String, String>>,
+    snapshots: BTreeMap<String, Snapshot>,
     /// Volumes whose attachment has DeleteOnTermination set.
     delete_on_termination: Vec<String>,
     calls: Vec<String>,
@@ -400,6 +402,88 @@ impl Cloud for FakeCloud {
     }
 }
 
+/// Snapshots complete at once; a volume made from one copies nothing (there is no data).
+impl Snapshots for FakeCloud {
+    async fn create_snapshot(
+        &self,
+        volume: &str,
+        _description: &str,
+        tags: &Tags,
+    ) -> CloudResult<String> {
+        self.with(format!("CreateSnapshot {volume}"), |s| {
+            let size = s.volumes.get(volume).map(|v| v.size_gib);
+            let id = Self::id(s, "snap");
+            s.snapshots.insert(
+                id.clone(),
+                Snapshot {
+                    id: id.clone(),
+                    state: "completed".into(),
+                    progress: Some("100%".into()),
+                    volume_id: Some(volume.into()),
+                    size_gib: size,
+                    started: None,
+                    message: None,
+                    tags: tags.iter().cloned().collect(),
+                },
+            );
+            Ok(id)
+        })
+    }
+
+    async fn describe_snapshot(&self, id: &str) -> CloudResult<Option<Snapshot>> {
+        self.with(format!("DescribeSnapshots {id}"), |s| {
+            Ok(s.snapshots.get(id).cloned())
+        })
+    }
+
+    async fn delete_snapshot(&self, id: &str) -> CloudResult<()> {
+        self.with(format!("DeleteSnapshot {id}"), |s| {
+            s.snapshots.remove(id);
+            Ok(())
+        })
+    }
+
+    async fn snapshots_tagged(&self, key: &str) -> CloudResult<Vec<Snapshot>> {
+        self.with(format!("DescribeSnapshots tagged {key}"), |s| {
+            Ok(s.snapshots
+                .values()
+                .filter(|n| n.tags.contains_key(key))
+                .cloned()
+                .collect())
+        })
+    }
+
+    async fn create_volume_from(
+        &self,
+        zone: &str,
+        snapshot: &str,
+        size_gib: i32,
+        tags: &Tags,
+    ) -> CloudResult<String> {
+        if !self.state.lock().unwrap().snapshots.contains_key(snapshot) {
+            return Err(CloudError {
+                action: "Creating a volume from the snapshot",
+                code: Some("InvalidSnapshot.NotFound".into()),
+                message: format!("The snapshot '{snapshot}' does not exist."),
+            });
+        }
+        self.create_volume(zone, size_gib, tags).await
+    }
+}
+
+impl FakeCloud {
+    /// The snapshots that exist now.
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        self.state
+            .lock()
+            .unwrap()
+            .snapshots
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
 /// Fails chosen calls of the cloud it wraps: `fail(action, code, from, count)` makes the
 /// calls number `from`, `from + 1`, … (`count` of them, counted from 1 per action) answer
 /// `code` instead. Actions are named as [`FakeCloud::calls`] logs them (`AttachVolume`).
@@ -456,8 +540,8 @@ impl<C: Cloud> Faulty<C> {
 
 /// Each method checks the plan, then asks the wrapped cloud.
 macro_rules! faulty {
-    ($( $name:ident ( $($arg:ident : $ty:ty),* ) -> $ret:ty = $action:literal; )*) => {
-        impl<C: Cloud> Cloud for Faulty<C> {
+    ($tr:ident; $( $name:ident ( $($arg:ident : $ty:ty),* ) -> $ret:ty = $action:literal; )*) => {
+        impl<C: $tr> $tr for Faulty<C> {
             $(
                 async fn $name(&self, $($arg: $ty),*) -> CloudResult<$ret> {
                     self.check($action)?;
@@ -468,7 +552,7 @@ macro_rules! faulty {
     };
 }
 
-faulty! {
+faulty! { Cloud;
     describe_volume(id: &str) -> Option<Volume> = "DescribeVolumes";
     create_volume(zone: &str, size_gib: i32, tags: &Tags) -> String = "CreateVolume";
     delete_volume(id: &str) -> () = "DeleteVolume";
@@ -493,4 +577,12 @@ faulty! {
     allow_ssh(group: &str, cidr: &str) -> () = "AuthorizeSecurityGroupIngress";
     delete_security_group(id: &str) -> () = "DeleteSecurityGroup";
     tagged(kind: ResourceKind, key: &str) -> Vec<Tagged> = "Describe";
+}
+
+faulty! { Snapshots;
+    create_snapshot(volume: &str, description: &str, tags: &Tags) -> String = "CreateSnapshot";
+    describe_snapshot(id: &str) -> Option<Snapshot> = "DescribeSnapshots";
+    delete_snapshot(id: &str) -> () = "DeleteSnapshot";
+    snapshots_tagged(key: &str) -> Vec<Snapshot> = "DescribeSnapshots";
+    create_volume_from(zone: &str, snapshot: &str, size_gib: i32, tags: &Tags) -> String = "CreateVolume";
 }

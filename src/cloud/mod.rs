@@ -5,6 +5,7 @@ pub mod aws;
 pub mod caller;
 #[cfg(test)]
 pub mod fake;
+pub mod snapshot;
 pub mod wait;
 
 use std::future::Future;

@@ -1,7 +1,8 @@
 //! `ec2-backup gc`: finds what killed runs (kill -9, power loss) left behind and removes it.
 //!
 //! Only resources the tool tagged are considered: helper instances, temporary security groups,
-//! and volumes a run created whose backup never completed. A completed backup, a user's own
+//! volumes a run created whose backup never completed, and snapshots a run started but never
+//! kept (it died while waiting for them). A completed backup, a user's own
 //! volume (named with -v), and anything untagged are never touched. A run counts as abandoned
 //! when it was started on this host and its process is gone, or when it is older than
 //! `--older-than` (a run on another host cannot be checked otherwise).
@@ -10,6 +11,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::cloud::aws;
+use crate::cloud::snapshot::Snapshots;
 use crate::cloud::{wait, Cloud, ResourceKind, Tagged};
 use crate::error::Error;
 use crate::ledger::{Ledger, Resource};
@@ -34,11 +36,12 @@ pub struct GcReport {
 
 pub async fn gc(options: &GcOptions) -> Result<GcReport, Error> {
     let cloud = aws::connect().await.map_err(crate::helper::plan::input)?;
-    let (instances, volumes, groups, shared) = tokio::try_join!(
+    let (instances, volumes, groups, shared, snapshots) = tokio::try_join!(
         cloud.tagged(ResourceKind::Instance, RUN_TAG),
         cloud.tagged(ResourceKind::Volume, RUN_TAG),
         cloud.tagged(ResourceKind::SecurityGroup, RUN_TAG),
         cloud.tagged(ResourceKind::SecurityGroup, crate::tags::key::SHARED_GROUP),
+        cloud.snapshots_tagged(RUN_TAG),
     )?;
     let now = chrono::Utc::now();
     let here = hostname();
@@ -98,6 +101,18 @@ pub async fn gc(options: &GcOptions) -> Result<GcReport, Error> {
             doomed_groups.push(g.id.clone());
         }
     }
+    let mut doomed_snapshots = Vec::new();
+    for n in snapshots.iter().filter(|n| unkept_snapshot(&n.tags)) {
+        if let Some(why) = verdict(&n.tags) {
+            lines.push(format!(
+                "{} unkept snapshot {} ({}; {why})",
+                verb("delete", "deleting"),
+                n.id,
+                n.state
+            ));
+            doomed_snapshots.push(n.id.clone());
+        }
+    }
     // The helpers' shared group is kept between runs; gc removes it once no helper uses it
     // (the next run makes it again).
     for g in &shared {
@@ -144,6 +159,22 @@ pub async fn gc(options: &GcOptions) -> Result<GcReport, Error> {
         let ledger = Ledger::default();
         ledger.record(Resource::Volume(id.clone()));
         leftovers.extend(ledger.unwind(&cloud, None, &report).await);
+    }
+    // Read again too: a run judged by age may have kept it meanwhile. A pending snapshot is
+    // deleted as well (EC2 removes it once it completes).
+    for id in &doomed_snapshots {
+        match cloud.describe_snapshot(id).await {
+            Ok(Some(n)) if unkept_snapshot(&n.tags) && verdict(&n.tags).is_some() => {
+                if let Err(e) = cloud.delete_snapshot(id).await {
+                    leftovers.push(format!("the snapshot {id} could not be deleted ({e})"));
+                }
+            }
+            Ok(Some(_)) => lines.push(format!("kept the snapshot {id}: its run kept it meanwhile")),
+            Ok(None) => {}
+            Err(e) => leftovers.push(format!(
+                "the snapshot {id} could not be checked again ({e})"
+            )),
+        }
     }
     for id in &doomed_groups {
         if let Err(e) = crate::ledger::delete_group(&cloud, id).await {
@@ -192,6 +223,11 @@ pub fn unfinished_volume(tags: &BTreeMap<String, String>) -> bool {
         && tags
             .get(crate::tags::key::COMPLETED)
             .is_none_or(|x| x != "true")
+}
+
+/// A snapshot a run started and never saw completed (kept ones are backups: never collected).
+pub fn unkept_snapshot(tags: &BTreeMap<String, String>) -> bool {
+    tags.get(crate::tags::key::KEPT).is_none_or(|k| k != "true")
 }
 
 /// Why a run's resource counts as abandoned, or None while its run may still be going.

@@ -1,12 +1,15 @@
 //! `ec2-backup list [--json]`: the backups in the region, from the tool's tags: the volumes
-//! a run finished (tagged `ec2-backup:finished`), newest first. A volume that was never a
-//! backup (a `-v` volume whose first run failed, a volume being written now) is not listed.
+//! a run finished (tagged `ec2-backup:finished`) and the snapshots a run kept (completed,
+//! tagged `ec2-backup:kept`), newest first. A volume that was never a backup (a `-v` volume
+//! whose first run failed, a volume being written now) and a snapshot a run is still waiting
+//! for, or that a failed run left, are not listed.
 
 use std::collections::BTreeMap;
 
 use serde_json::json;
 
 use crate::cloud::aws;
+use crate::cloud::snapshot::{Snapshot, Snapshots};
 use crate::cloud::{Cloud, ResourceKind, Tagged};
 use crate::error::Error;
 use crate::helper::plan::input;
@@ -28,19 +31,27 @@ pub struct Entry {
 
 pub async fn run() -> Result<Vec<Entry>, Error> {
     let cloud = aws::connect().await.map_err(input)?;
-    let volumes = cloud
-        .tagged(ResourceKind::Volume, key::FINISHED)
-        .await
-        .map_err(input)?;
-    Ok(entries(&volumes))
+    let (volumes, snapshots) = tokio::try_join!(
+        cloud.tagged(ResourceKind::Volume, key::FINISHED),
+        cloud.snapshots_tagged(key::KEPT),
+    )
+    .map_err(input)?;
+    Ok(entries(&volumes, &snapshots))
 }
 
-/// The backups among `volumes`, newest first.
-pub fn entries(volumes: &[Tagged]) -> Vec<Entry> {
+/// The backups among `volumes` and `snapshots`, newest first.
+pub fn entries(volumes: &[Tagged], snapshots: &[Snapshot]) -> Vec<Entry> {
     let mut list: Vec<Entry> = volumes
         .iter()
         .filter(|v| !matches!(v.state.as_str(), "deleting" | "deleted"))
         .filter_map(|v| entry(v.id.clone(), "volume", v.size_gib, &v.tags))
+        .chain(
+            snapshots
+                .iter()
+                .filter(|s| s.state == "completed")
+                .filter(|s| s.tags.get(key::KEPT).is_some_and(|k| k == "true"))
+                .filter_map(|s| entry(s.id.clone(), "snapshot", s.size_gib, &s.tags)),
+        )
         .collect();
     list.sort_by(|a, b| b.finished.cmp(&a.finished).then(a.id.cmp(&b.id)));
     list
@@ -132,32 +143,72 @@ mod tests {
         }
     }
 
+    fn snap(id: &str, state: &str, tags: &[(&str, &str)]) -> Snapshot {
+        Snapshot {
+            id: id.into(),
+            state: state.into(),
+            progress: None,
+            volume_id: None,
+            size_gib: Some(3),
+            started: None,
+            message: None,
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn kept_completed_snapshots_are_listed_beside_volumes() {
+        let backup = [
+            (key::METHOD, "dd"),
+            (key::FINISHED, "2026-01-02T00:00:00Z"),
+            (key::COMPLETED, "true"),
+        ];
+        let kept = [backup.as_slice(), &[(key::KEPT, "true")]].concat();
+        let list = entries(
+            &[vol("vol-1", &backup)],
+            &[
+                snap("snap-kept", "completed", &kept),
+                snap("snap-waiting", "pending", &kept),
+                snap("snap-unkept", "completed", &backup),
+            ],
+        );
+        let ids: Vec<(&str, &str)> = list.iter().map(|e| (e.id.as_str(), e.kind)).collect();
+        assert_eq!(ids, [("snap-kept", "snapshot"), ("vol-1", "volume")]);
+        assert_eq!(list[0].size_gib, Some(3));
+    }
+
     #[test]
     fn only_finished_backups_newest_first() {
-        let list = entries(&[
-            vol(
-                "vol-old",
-                &[
-                    (key::METHOD, "dd"),
-                    (key::FINISHED, "2026-01-01T00:00:00Z"),
-                    (key::COMPLETED, "true"),
-                    (key::BYTES, "10"),
-                ],
-            ),
-            vol(
-                "vol-new",
-                &[
-                    (key::METHOD, "rsync"),
-                    (key::FINISHED, "2026-02-01T00:00:00Z"),
-                    (key::COMPLETED, "false"),
-                ],
-            ),
-            vol(
-                "vol-busy",
-                &[(key::METHOD, "dd"), (key::COMPLETED, "false")],
-            ),
-            vol("vol-users", &[(key::FINISHED, "2026-03-01T00:00:00Z")]),
-        ]);
+        let list = entries(
+            &[
+                vol(
+                    "vol-old",
+                    &[
+                        (key::METHOD, "dd"),
+                        (key::FINISHED, "2026-01-01T00:00:00Z"),
+                        (key::COMPLETED, "true"),
+                        (key::BYTES, "10"),
+                    ],
+                ),
+                vol(
+                    "vol-new",
+                    &[
+                        (key::METHOD, "rsync"),
+                        (key::FINISHED, "2026-02-01T00:00:00Z"),
+                        (key::COMPLETED, "false"),
+                    ],
+                ),
+                vol(
+                    "vol-busy",
+                    &[(key::METHOD, "dd"), (key::COMPLETED, "false")],
+                ),
+                vol("vol-users", &[(key::FINISHED, "2026-03-01T00:00:00Z")]),
+            ],
+            &[],
+        );
         let ids: Vec<&str> = list.iter().map(|e| e.id.as_str()).collect();
         assert_eq!(ids, ["vol-new", "vol-old"]);
         assert!(!list[0].complete && list[1].complete);

@@ -5,6 +5,7 @@
 pub mod backup;
 pub mod gc;
 pub mod list;
+pub mod prune;
 pub mod restore;
 pub mod source;
 pub mod verify;

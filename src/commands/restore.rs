@@ -89,7 +89,7 @@ pub async fn run(options: Options) -> Result<Restored, Failure> {
         if to_stdout && backup.method == Method::Rsync {
             return Err(Error::Usage(format!(
                 "{} is an rsync backup (a filesystem, not an archive): restore it into a directory",
-                backup.volume.id
+                backup.id
             )));
         }
         Ok(())
@@ -131,7 +131,7 @@ async fn restore(
     let ssh = &*ssh;
     lease.report.step(&format!(
         "{} is {} on the helper; restoring",
-        backup.volume.id, attached.device
+        backup.id, attached.device
     ));
     match backup.method {
         Method::Dd => {
@@ -158,14 +158,14 @@ async fn restore(
             match &backup.sha256 {
                 Some(sum) if *sum != read.sha256 => Err(MethodError::Failed(format!(
                     "the archive read back from {} has SHA-256 {} but its tag says {sum}: the volume changed or is damaged, and what was restored cannot be trusted",
-                    backup.volume.id, read.sha256
+                    backup.id, read.sha256
                 ))
                 .into()),
                 Some(_) => Ok(read.bytes),
                 None => {
                     lease.report.warn(&format!(
                         "{} has no recorded checksum: the archive could not be checked",
-                        backup.volume.id
+                        backup.id
                     ));
                     Ok(read.bytes)
                 }

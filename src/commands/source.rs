@@ -1,10 +1,15 @@
 //! A backup to read (restore, verify): found by its ID, leased to a helper read-only, its
 //! method taken from its tags and checked against what the volume really holds. Shared by
 //! the read-side commands, which differ only in what they do with the open backup.
+//!
+//! A snapshot is read through a temporary volume made from it in the helper's zone: tagged
+//! as this run's (so `gc` finds it after a kill -9), marked to go with the helper, and
+//! deleted by the lease's cleanup at the end, on failure and on a signal.
 
 use std::future::Future;
 
 use crate::cloud::aws::{self, AwsCloud};
+use crate::cloud::snapshot::{valid_snapshot_id, Snapshots};
 use crate::cloud::Volume;
 use crate::error::{Error, Failure};
 use crate::helper::lease::{Attached, Disk, Lease};
@@ -18,16 +23,40 @@ use crate::tags::key;
 /// What the backup's tags say it holds.
 #[derive(Debug, Clone)]
 pub struct Backup {
-    pub volume: Volume,
+    /// The ID the user named: a volume or a snapshot.
+    pub id: String,
+    pub source: Source,
     pub method: Method,
     /// dd: the archive's recorded length and SHA-256.
     pub bytes: Option<u64>,
     pub sha256: Option<String>,
 }
 
+/// Where the backup is.
+#[derive(Debug, Clone)]
+pub enum Source {
+    Volume(Volume),
+    /// A completed snapshot of this size, read through a temporary volume.
+    Snapshot {
+        size_gib: i32,
+    },
+}
+
 /// Checks `source` before any cloud call.
 pub fn check_id(source: &str) -> Result<(), Error> {
-    helper_plan::check_volume_id(source)
+    if source.starts_with("snap-") {
+        if valid_snapshot_id(source) {
+            return Ok(());
+        }
+        return Err(Error::Usage(format!(
+            "'{source}' is not a snapshot ID (they look like snap-0123456789abcdef0)"
+        )));
+    }
+    helper_plan::check_volume_id(source).map_err(|_| {
+        Error::Usage(format!(
+            "'{source}' is not a volume or snapshot ID (they look like vol-0123456789abcdef0, snap-0123456789abcdef0)"
+        ))
+    })
 }
 
 /// A backup leased to a helper, checked, ready to read.
@@ -53,20 +82,21 @@ pub async fn open(
     let cloud = aws::connect().await.map_err(input)?;
     let region = cloud.region.clone();
     let found = async {
-        let volume = find_volume(&cloud, &region, source).await?;
-        helper_plan::check_free(&volume)?;
-        let backup = from_tags(volume)?;
+        let backup = find(&cloud, &region, source).await?;
         accept(&backup)?;
-        let pinned = Pinned {
-            zone: backup.volume.zone.clone(),
-            volume_id: backup.volume.id.clone(),
+        let pinned = match &backup.source {
+            Source::Volume(v) => Some(Pinned {
+                zone: v.zone.clone(),
+                volume_id: v.id.clone(),
+            }),
+            Source::Snapshot { .. } => None,
         };
         let plan = helper_plan::decide(
             &cloud,
             &region,
             &options,
             extra,
-            std::future::ready(Ok(Some(pinned))),
+            std::future::ready(Ok(pinned)),
             &report,
         )
         .await?;
@@ -78,7 +108,21 @@ pub async fn open(
     };
     let lease = Lease::new(cloud, options, plan, report)?;
     let opening = async {
-        let attached = lease.open(Disk::Existing(backup.volume.clone())).await?;
+        let disk = match &backup.source {
+            Source::Volume(v) => Disk::Existing(v.clone()),
+            Source::Snapshot { size_gib } => Disk::New {
+                gib: *size_gib,
+                tags: vec![
+                    (key::CREATED_VOLUME.into(), "true".into()),
+                    (
+                        key::NAME.into(),
+                        format!("ec2-backup: temporary copy of {}", backup.id),
+                    ),
+                ],
+                snapshot: Some(backup.id.clone()),
+            },
+        };
+        let attached = lease.open(disk).await?;
         check_content(&lease, &attached, &backup).await?;
         Ok::<_, Error>(attached)
     };
@@ -115,12 +159,14 @@ pub async fn close<T>(
     mut opened: Opened,
     result: Result<T, Error>,
 ) -> Result<(T, Vec<String>), Failure> {
-    let result = match result {
-        Ok(out) => {
+    let result = match (result, &opened.backup.source) {
+        (Ok(out), Source::Volume(_)) => {
             let handed = opened.lease.hand_back(&opened.attached, None, true);
             guarded(&mut opened.signals, handed).await.map(|()| out)
         }
-        Err(e) => Err(e),
+        // A snapshot's temporary volume goes with the rest of the lease.
+        (Ok(out), Source::Snapshot { .. }) => Ok(out),
+        (Err(e), _) => Err(e),
     };
     if let Err(e) = &result {
         opened
@@ -135,24 +181,61 @@ pub async fn close<T>(
     }
 }
 
-/// The backup a volume's tags describe; a volume that was never a backup is refused.
-fn from_tags(volume: Volume) -> Result<Backup, Error> {
-    let method = volume
-        .tags
+/// The backup named `id`: a free volume, or a completed snapshot, that ec2-backup wrote.
+async fn find(cloud: &AwsCloud, region: &str, id: &str) -> Result<Backup, Error> {
+    if !id.starts_with("snap-") {
+        let volume = find_volume(cloud, region, id).await?;
+        helper_plan::check_free(&volume)?;
+        let tags = volume.tags.clone();
+        return from_tags(id, &tags, "volume", Source::Volume(volume));
+    }
+    let snap = cloud
+        .describe_snapshot(id)
+        .await
+        .map_err(input)?
+        .ok_or_else(|| Error::Invalid(format!("the snapshot {id} does not exist in {region}")))?;
+    match snap.state.as_str() {
+        "completed" => {}
+        "pending" => {
+            return Err(Error::Invalid(format!(
+                "the snapshot {id} is still pending ({}); read it once it is completed",
+                snap.progress.as_deref().unwrap_or("0%")
+            )))
+        }
+        other => {
+            return Err(Error::Invalid(format!(
+                "the snapshot {id} is {other}, not completed"
+            )))
+        }
+    }
+    let size_gib = snap
+        .size_gib
+        .ok_or_else(|| Error::Invalid(format!("EC2 gives no size for the snapshot {id}")))?;
+    from_tags(id, &snap.tags, "snapshot", Source::Snapshot { size_gib })
+}
+
+/// The backup its tags describe; a volume or snapshot that was never a backup is refused.
+fn from_tags(
+    id: &str,
+    tags: &std::collections::BTreeMap<String, String>,
+    kind: &str,
+    source: Source,
+) -> Result<Backup, Error> {
+    let method = tags
         .get(key::METHOD)
         .and_then(|m| Method::parse(m))
         .ok_or_else(|| {
             Error::Invalid(format!(
-                "the volume {} is not an ec2-backup backup (it has no ec2-backup:method tag)",
-                volume.id
+                "the {kind} {id} is not an ec2-backup backup (it has no ec2-backup:method tag)"
             ))
         })?;
-    let tag = |k: &str| volume.tags.get(k).filter(|v| !v.is_empty()).cloned();
+    let tag = |k: &str| tags.get(k).filter(|v| !v.is_empty()).cloned();
     Ok(Backup {
+        id: id.to_string(),
+        source,
         method,
         bytes: tag(key::BYTES).and_then(|b| b.parse().ok()),
         sha256: tag(key::SHA256),
-        volume,
     })
 }
 
@@ -174,8 +257,8 @@ async fn check_content(
         return Ok(());
     }
     Err(MethodError::Failed(format!(
-        "the volume {} is tagged as a {} backup but holds {}",
-        backup.volume.id,
+        "{} is tagged as a {} backup but holds {}",
+        backup.id,
         backup.method.as_str(),
         content.describe()
     ))

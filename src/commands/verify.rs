@@ -51,7 +51,7 @@ async fn compare(
     let ssh = &*ssh;
     lease.report.step(&format!(
         "{} is {} on the helper; comparing",
-        backup.volume.id, attached.device
+        backup.id, attached.device
     ));
     match backup.method {
         Method::Dd => {
@@ -97,7 +97,7 @@ async fn compare(
                 Some(_) => {}
                 None => lease.report.warn(&format!(
                     "{} has no recorded checksum: only its members were compared",
-                    backup.volume.id
+                    backup.id
                 )),
             }
             Ok(lines)

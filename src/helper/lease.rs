@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 
-use crate::cloud::{wait, Cloud, LaunchRequest, Tags, Volume};
+use crate::cloud::snapshot::Snapshots;
+use crate::cloud::{caller, wait, LaunchRequest, Tags, Volume};
 use crate::error::Error;
 use crate::helper::keys::{self, KeyPlan};
 use crate::helper::plan::{HelperOptions, HelperPlan};
@@ -39,8 +40,13 @@ pub enum Disk {
     /// A volume that exists (the user's `-v`, a backup to read): never deleted, never marked
     /// to go with the helper.
     Existing(Volume),
-    /// A volume to create, encrypted, of this size and with these tags (beside the run's).
-    New { gib: i32, tags: Tags },
+    /// A volume to create, encrypted, of this size and with these tags (beside the run's);
+    /// empty, or holding a completed snapshot's data.
+    New {
+        gib: i32,
+        tags: Tags,
+        snapshot: Option<String>,
+    },
 }
 
 /// The attached volume, as the helper sees it.
@@ -55,8 +61,18 @@ pub struct Attached {
     pub created: bool,
 }
 
+/// How this run logs in on its helper.
+struct Login<'a> {
+    /// The key pair's private key, when this machine holds it.
+    identity: Option<&'a Path>,
+    /// The host key the helper was given, the only one ssh accepts.
+    host_public: &'a str,
+    /// The shared security group, to admit this caller's address once the helper has one.
+    shared_group: Option<&'a str>,
+}
+
 /// A helper leased for one command.
-pub struct Lease<C: Cloud> {
+pub struct Lease<C: Snapshots> {
     pub cloud: C,
     pub options: HelperOptions,
     pub plan: HelperPlan,
@@ -71,7 +87,7 @@ pub struct Lease<C: Cloud> {
     workdir: tempfile::TempDir,
 }
 
-impl<C: Cloud> Lease<C> {
+impl<C: Snapshots> Lease<C> {
     pub fn new(
         cloud: C,
         options: HelperOptions,
@@ -104,12 +120,15 @@ impl<C: Cloud> Lease<C> {
     pub async fn open(&self, disk: Disk) -> Result<Attached, Error> {
         let (host_private, host_public) = keys::make_host_key(self.workdir())?;
         let identity = self.ensure_key_pair().await?;
-        let groups = self.security_groups().await?;
+        let (groups, shared) = self.security_groups().await?;
         let instance_id = self.launch(groups, &host_private, &host_public).await?;
         let created = matches!(disk, Disk::New { .. });
-        let (volume_id, size_gib) = self
-            .bring_up(&instance_id, disk, identity.as_deref(), &host_public)
-            .await?;
+        let login = Login {
+            identity: identity.as_deref(),
+            host_public: &host_public,
+            shared_group: shared.as_deref(),
+        };
+        let (volume_id, size_gib) = self.bring_up(&instance_id, disk, login).await?;
         self.report
             .step("connected; looking for the volume's device");
         let found = self
@@ -330,17 +349,18 @@ impl<C: Cloud> Lease<C> {
     }
 
     /// The helper's security groups: the user's, or the helpers' shared group
-    /// ([`SHARED_GROUP`]) letting ssh in from the caller's address only.
+    /// ([`SHARED_GROUP`]), whose ID is returned too: it admits this caller once the helper's
+    /// address shows where our ssh will come from ([`Lease::admit`]).
     ///
     /// The shared group is found or made (by name: a group made at the same moment by another
-    /// run answers Duplicate and is found), given this caller's rule (idempotent), and kept
-    /// for later runs: a run never waits for its helper's termination only to be allowed to
-    /// delete a group (on EC2 that takes tens of seconds, and the group stays "in use" a while
-    /// after). A group no instance uses admits nothing; `gc` removes it when idle.
-    async fn security_groups(&self) -> Result<Vec<String>, Error> {
+    /// run answers Duplicate and is found) and kept for later runs: a run never waits for its
+    /// helper's termination only to be allowed to delete a group (on EC2 that takes tens of
+    /// seconds, and the group stays "in use" a while after). A group no instance uses admits
+    /// nothing; `gc` removes it when idle.
+    async fn security_groups(&self) -> Result<(Vec<String>, Option<String>), Error> {
         let mut groups = self.options.launch.security_group_ids.clone();
         let Some(g) = &self.plan.ssh_group else {
-            return Ok(groups);
+            return Ok((groups, None));
         };
         let cloud = &self.cloud;
         let id = match cloud.find_group(&g.vpc, SHARED_GROUP).await? {
@@ -363,13 +383,24 @@ impl<C: Cloud> Lease<C> {
                 }
             }
         };
-        cloud.allow_ssh(&id, &g.cidr).await?;
+        groups.push(id.clone());
+        Ok((groups, Some(id)))
+    }
+
+    /// Lets ssh from this machine into the shared group, as the helper at `host` will see it
+    /// (the user's `EC2_BACKUP_SSH_CIDR`, else [`caller::source_cidr`]). Idempotent: runs
+    /// from one address share the rule, which stays for the next run (the group is removed by
+    /// `gc` once idle, and with it every rule).
+    async fn admit(&self, group: &str, host: &str) -> Result<(), Error> {
+        let cidr = match self.plan.ssh_group.as_ref().and_then(|g| g.cidr.clone()) {
+            Some(cidr) => cidr,
+            None => caller::source_cidr(host).await?,
+        };
+        self.cloud.allow_ssh(group, &cidr).await?;
         self.report.step(&format!(
-            "{id} ({SHARED_GROUP}) admits ssh from {} only",
-            g.cidr
+            "{group} ({SHARED_GROUP}) admits ssh from {cidr} only"
         ));
-        groups.push(id);
-        Ok(groups)
+        Ok(())
     }
 
     /// Launches the helper with the host key it is to present and the keys it accepts.
@@ -420,29 +451,40 @@ impl<C: Cloud> Lease<C> {
         &self,
         instance_id: &str,
         disk: Disk,
-        identity: Option<&Path>,
-        host_public: &str,
+        login: Login<'_>,
     ) -> Result<(String, i32), Error> {
         let (cloud, plan, report) = (&self.cloud, &self.plan, &self.report);
         let created = matches!(disk, Disk::New { .. });
         // While the instance boots: the volume is made ready (and attached once the
         // instance runs), and ssh is tried as soon as the helper's address is known.
         let volume = async {
-            let (gib, extra) = match disk {
+            let (gib, extra, snapshot) = match disk {
                 Disk::Existing(v) => return Ok((v.id, v.size_gib)),
-                Disk::New { gib, tags } => (gib, tags),
+                Disk::New {
+                    gib,
+                    tags,
+                    snapshot,
+                } => (gib, tags, snapshot),
             };
             let mut tags = self.tags(&[]);
             tags.extend(extra);
-            let (c, zone) = (cloud.clone(), plan.zone.clone());
+            let (c, zone, from) = (cloud.clone(), plan.zone.clone(), snapshot.clone());
             let id = self
                 .ledger
                 .create(
-                    async move { c.create_volume(&zone, gib, &tags).await },
+                    async move {
+                        match from {
+                            Some(s) => c.create_volume_from(&zone, &s, gib, &tags).await,
+                            None => c.create_volume(&zone, gib, &tags).await,
+                        }
+                    },
                     |id: &String| Resource::Volume(id.clone()),
                 )
                 .await?;
-            report.step(&format!("created {id} ({gib} GiB)"));
+            match snapshot {
+                Some(s) => report.step(&format!("created {id} ({gib} GiB) from {s}")),
+                None => report.step(&format!("created {id} ({gib} GiB)")),
+            }
             wait::volume_state(cloud, &id, "available", None, STATE_LIMIT).await?;
             Ok::<_, Error>((id, gib))
         };
@@ -492,13 +534,16 @@ impl<C: Cloud> Lease<C> {
         let address = instance.waiter();
         let connected = async {
             let host = address.address().await;
+            if let Some(group) = login.shared_group {
+                self.admit(group, &host).await?;
+            }
             let mut session = Session::new(
                 &host,
                 LOGIN_USER,
                 self.workdir(),
-                identity,
+                login.identity,
                 &self.options.ssh,
-                host_public,
+                login.host_public,
             )?;
             session.connect(self.options.boot_timeout).await?;
             instance.poke();
@@ -583,10 +628,11 @@ mod tests {
     use super::*;
     use crate::cloud::fake::{FakeCloud, Faulty};
     use crate::cloud::Arch;
+    use crate::cloud::Cloud;
     use crate::flags::{LaunchFlags, SshFlags};
     use crate::helper::plan::SshGroup;
 
-    fn lease<C: Cloud>(cloud: C, home: &Path) -> Lease<C> {
+    fn lease<C: Snapshots>(cloud: C, home: &Path) -> Lease<C> {
         let options = HelperOptions {
             launch: LaunchFlags::default(),
             // Nothing listens on loopback's discard port: ssh attempts fail at once.
@@ -609,7 +655,7 @@ mod tests {
             key: KeyPlan::Existing { identity: None },
             ssh_group: Some(SshGroup {
                 vpc: "vpc-1".into(),
-                cidr: "127.0.0.1/32".into(),
+                cidr: Some("127.0.0.1/32".into()),
             }),
             extra_authorized_keys: vec![],
         };
@@ -620,6 +666,7 @@ mod tests {
         Disk::New {
             gib: 1,
             tags: vec![(key::CREATED_VOLUME.into(), "true".into())],
+            snapshot: None,
         }
     }
 

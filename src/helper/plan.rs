@@ -109,11 +109,13 @@ pub struct HelperPlan {
     pub extra_authorized_keys: Vec<String>,
 }
 
-/// A security group to create: in this VPC, admitting ssh from this CIDR only.
+/// The helpers' shared security group in this VPC, to admit ssh from this machine only.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SshGroup {
     pub vpc: String,
-    pub cidr: String,
+    /// The CIDR the user named (`EC2_BACKUP_SSH_CIDR`); else the address the helper will see,
+    /// found once its address is known ([`crate::cloud::caller::source_cidr`]).
+    pub cidr: Option<String>,
 }
 
 /// A zone the helper must run in: that of a volume it will attach.
@@ -164,13 +166,13 @@ pub async fn decide<C: Cloud>(
                     format!("the security groups {} do not exist", missing.join(", ")),
                 ));
             }
-            return Ok((None, None));
+            return Ok((false, None, None));
         }
         let vpc = match &options.launch.subnet_id {
             Some(_) => None,
             None => cloud.default_vpc().await?,
         };
-        Ok::<_, CloudError>((vpc, Some(caller::ingress_cidr().await?)))
+        Ok::<_, CloudError>((true, vpc, caller::configured_cidr()?))
     };
     let arch_and_image = async {
         let arch = cloud.instance_arch(&instance_type).await?;
@@ -209,11 +211,12 @@ pub async fn decide<C: Cloud>(
     let (arch, image_id, root_disk) = arch_image.map_err(input)?;
     let zones = zones.map_err(input)?;
     let subnet = subnet.map_err(input)?;
-    let (default_vpc, cidr) = network.map_err(input)?;
-    let ssh_group = match (cidr, subnet.as_ref().map(|(_, vpc)| vpc.clone()).or(default_vpc)) {
-        (None, _) => None,
-        (Some(cidr), Some(vpc)) => Some(SshGroup { vpc, cidr }),
-        (Some(_), None) => {
+    let (make_group, default_vpc, cidr) = network.map_err(input)?;
+    let vpc = subnet.as_ref().map(|(_, vpc)| vpc.clone()).or(default_vpc);
+    let ssh_group = match (make_group, vpc) {
+        (false, _) => None,
+        (true, Some(vpc)) => Some(SshGroup { vpc, cidr }),
+        (true, None) => {
             return Err(Error::Invalid(format!(
                 "there is no default VPC in {region}; name a subnet and a security group that admits ssh with EC2_BACKUP_FLAGS_AWS=\"--subnet-id ID --security-group-ids ID\""
             )))

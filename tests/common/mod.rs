@@ -85,6 +85,26 @@ pub fn volume_file(id: &str) -> PathBuf {
     PathBuf::from(ec2sim(&["volume-file", id]).trim())
 }
 
+/// The file holding a snapshot's data in the simulator (as EC2 keeps it: what the volume
+/// held at the CreateSnapshot call).
+pub fn snapshot_file(id: &str) -> PathBuf {
+    let name = std::env::var("EC2SIM_NAME").unwrap_or_else(|_| "default".into());
+    let root = std::env::var_os("EC2SIM_STATE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".sim"));
+    root.join(name).join("snapshots").join(format!("{id}.img"))
+}
+
+/// A snapshot as the simulator's status shows it.
+pub fn snapshot(id: &str) -> Option<Value> {
+    status()["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["id"] == id)
+        .cloned()
+}
+
 /// A scratch directory on a disk filesystem (xattrs work there, unlike some tmpfs).
 pub fn scratch() -> tempfile::TempDir {
     tempfile::Builder::new()

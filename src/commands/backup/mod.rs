@@ -2,6 +2,7 @@
 //! (made, or the user's), write the directory onto it, hand the volume back tagged as this
 //! run's backup; on failure or signal, unwind everything the lease made.
 
+mod history;
 pub mod plan;
 mod write;
 
@@ -9,12 +10,14 @@ use crate::cloud::aws::{self, AwsCloud};
 use crate::error::{Error, Failure};
 use crate::helper::lease::{Disk, Lease};
 use crate::helper::plan::input;
+use crate::history::snapshot;
+use crate::ledger::Ledger;
 use crate::method::{Method, Transfer};
 use crate::report::Reporter;
 use crate::signals::Signals;
 use crate::tags::{key, now};
 
-pub use plan::{Options, Plan};
+pub use plan::{History, Options, Plan};
 
 /// A finished backup.
 #[derive(Debug, Clone)]
@@ -27,6 +30,10 @@ pub struct Outcome {
     pub region: String,
     pub seconds: f64,
     pub transfer: Transfer,
+    /// The kept snapshot of this backup (`--snapshot`, `--snapshot-only`).
+    pub snapshot_id: Option<String>,
+    /// Whether the volume was deleted, its snapshot being the backup (`--snapshot-only`).
+    pub volume_deleted: bool,
     /// What the teardown after a successful backup could not remove.
     pub leftovers: Vec<String>,
 }
@@ -54,27 +61,39 @@ pub async fn run(options: Options) -> Result<Done, Failure> {
     if options.dry_run {
         return Ok(Done::DryRun(Box::new(plan)));
     }
+    let cloud = cloud.with_kms_key(options.kms_key_id.clone());
     let job = Job {
         lease: Lease::new(cloud, options.helper.clone(), plan.helper.clone(), report)?,
         options,
         plan,
         started,
+        history: Default::default(),
+        kept: Default::default(),
     };
     let result = tokio::select! {
         r = job.execute() => r,
         e = signals.recv() => Err(e),
     };
-    match result {
-        Ok(mut outcome) => {
-            outcome.leftovers = job.lease.cleanup(&mut signals).await;
+    let mut outcome = match result {
+        Ok(outcome) => outcome,
+        Err(error) => return Err(job.fail(error, &mut signals).await),
+    };
+    // The helper goes first (nothing waits for its termination); the snapshot, started
+    // when the volume was handed back, completes meanwhile.
+    outcome.leftovers = job.lease.cleanup(&mut signals).await;
+    let finished = tokio::select! {
+        r = job.finish_history(&mut outcome) => r,
+        e = signals.recv() => Err(e),
+    };
+    match finished {
+        Ok(()) => {
+            outcome.seconds = job.started.elapsed().as_secs_f64();
             Ok(Done::Backup(Box::new(outcome)))
         }
         Err(error) => {
-            job.lease
-                .report
-                .step(&format!("failed: {error}; cleaning up"));
-            let leftovers = job.lease.cleanup(&mut signals).await;
-            Err(Failure { error, leftovers })
+            let mut failure = job.fail(error, &mut signals).await;
+            failure.leftovers.extend(outcome.leftovers);
+            Err(failure)
         }
     }
 }
@@ -84,10 +103,65 @@ struct Job {
     options: Options,
     plan: Plan,
     started: std::time::Instant,
+    /// The snapshot this run started and has not kept yet: apart from the lease's ledger,
+    /// which the helper's teardown unwinds while the snapshot goes on.
+    history: std::sync::Arc<Ledger>,
+    /// The volume once it holds this run's backup, handed back (a failure after that
+    /// leaves it standing, and says so).
+    kept: std::sync::Mutex<Option<String>>,
+}
+
+impl Job {
+    /// Unwinds what the run made after `error`; a backup already handed back stands, and the
+    /// error then says where it is.
+    async fn fail(&self, error: Error, signals: &mut Signals) -> Failure {
+        let report = &self.lease.report;
+        report.step(&format!("failed: {error}; cleaning up"));
+        let mut leftovers = self.lease.cleanup(signals).await;
+        leftovers.extend(self.history.unwind(&self.lease.cloud, None, report).await);
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let error = match kept.filter(|_| self.options.history != History::Volume) {
+            Some(volume_id) => Error::NoSnapshot {
+                volume_id,
+                error: Box::new(error),
+            },
+            None => error,
+        };
+        Failure { error, leftovers }
+    }
+
+    /// After the helper's teardown: waits for this backup's snapshot and keeps it (and the
+    /// earlier backup's, with -v), then with `--snapshot-only` deletes the volume.
+    async fn finish_history(&self, outcome: &mut Outcome) -> Result<(), Error> {
+        let Some(id) = outcome.snapshot_id.clone() else {
+            return Ok(());
+        };
+        let lease = &self.lease;
+        snapshot::wait_completed(
+            &lease.cloud,
+            &id,
+            self.options.snapshot_limit,
+            &lease.report,
+        )
+        .await?;
+        snapshot::keep(&lease.cloud, &self.history, &id).await?;
+        lease.report.step(&format!("{id} is completed and kept"));
+        if self.options.history == History::SnapshotOnly {
+            match self.delete_volume(&outcome.volume_id).await {
+                None => outcome.volume_deleted = true,
+                Some(left) => outcome.leftovers.push(left),
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Job {
     async fn execute(&self) -> Result<Outcome, Error> {
+        let earlier = match (&self.plan.existing_volume, self.options.history) {
+            (Some(v), History::Snapshot) => self.snapshot_before_writing(v).await?,
+            _ => None,
+        };
         let disk = match &self.plan.existing_volume {
             Some(v) => Disk::Existing(v.clone()),
             None => {
@@ -96,6 +170,7 @@ impl Job {
                 Disk::New {
                     gib: self.plan.new_volume_gib,
                     tags,
+                    snapshot: None,
                 }
             }
         };
@@ -115,7 +190,17 @@ impl Job {
             done.push((key::SHA256.into(), sum.clone()));
             done.push((key::BYTES.into(), transfer.bytes.to_string()));
         }
-        self.lease.hand_back(&attached, Some(done), true).await?;
+        self.lease
+            .hand_back(&attached, Some(done.clone()), true)
+            .await?;
+        *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some(attached.volume_id.clone());
+        let snapshot_id = match self.options.history {
+            History::Volume => None,
+            _ => Some(self.start_snapshot(&attached.volume_id, &done).await?),
+        };
+        if let Some(e) = earlier {
+            self.await_earlier(&e).await;
+        }
         // The rest (helper, security group) goes the way a failed run's would, in `run`,
         // where a signal can no longer hide the kept volume.
         let helper = &self.plan.helper;
@@ -128,6 +213,8 @@ impl Job {
             region: helper.region.clone(),
             seconds: self.started.elapsed().as_secs_f64(),
             transfer,
+            snapshot_id,
+            volume_deleted: false,
             leftovers: Vec::new(),
         })
     }

@@ -21,7 +21,23 @@ pub struct Options {
     pub dry_run: bool,
     /// Write a `-v` volume whatever it holds.
     pub overwrite: bool,
+    pub history: History,
+    /// How long the run waits for its snapshot to complete.
+    pub snapshot_limit: std::time::Duration,
+    /// The KMS key for the volumes this run creates (None: the region's default).
+    pub kms_key_id: Option<String>,
     pub helper: HelperOptions,
+}
+
+/// What the run keeps besides the volume (`--snapshot`, `--snapshot-only`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum History {
+    /// The volume only.
+    Volume,
+    /// The volume and a completed snapshot of it.
+    Snapshot,
+    /// A completed snapshot; the volume this run made is deleted.
+    SnapshotOnly,
 }
 
 impl Options {
@@ -34,7 +50,22 @@ impl Options {
             json,
             dry_run,
             overwrite,
+            snapshot,
+            snapshot_only,
+            kms_key_id,
         } = cli;
+        let history = match (snapshot, snapshot_only) {
+            (_, true) => History::SnapshotOnly,
+            (true, false) => History::Snapshot,
+            (false, false) => History::Volume,
+        };
+        if let Some(k) = &kms_key_id {
+            if k.trim().is_empty() || k.chars().any(char::is_whitespace) {
+                return Err(Error::Usage(format!(
+                    "--kms-key-id '{k}' is not a KMS key ID, ARN or alias"
+                )));
+            }
+        }
         let method = Method::parse(&method).ok_or_else(|| {
             Error::Usage(format!("unknown method '{method}': use -m dd or -m rsync"))
         })?;
@@ -49,6 +80,9 @@ impl Options {
             json,
             dry_run,
             overwrite,
+            history,
+            snapshot_limit: crate::history::snapshot::limit_from_env().map_err(Error::Usage)?,
+            kms_key_id,
             helper: HelperOptions::from_env()?,
         })
     }

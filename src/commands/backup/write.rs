@@ -122,13 +122,23 @@ impl Job {
         let mut tags = self.lease.tags(&[
             (key::SOURCE_HOST, host),
             (key::SOURCE_DIR, dir),
+            (key::SOURCE_DIR_HASH, dir_hash(&self.plan.dir)),
             (key::METHOD, self.options.method.as_str().to_string()),
             (key::COMPLETED, completed.to_string()),
         ]);
-        // A user's own volume keeps its own name.
-        if self.plan.existing_volume.is_none() {
-            tags.push((key::NAME.into(), name));
+        // A user's own volume keeps its own name, and is marked as theirs.
+        match self.plan.existing_volume {
+            None => tags.push((key::NAME.into(), name)),
+            Some(_) => tags.push((key::NAMED_VOLUME.into(), "true".into())),
         }
         tags
     }
+}
+
+/// The SHA-256 of the directory's path bytes: its identity for `prune`'s groups, whole even
+/// when the path tag is cut.
+pub fn dir_hash(dir: &std::path::Path) -> String {
+    use sha2::Digest;
+    use std::os::unix::ffi::OsStrExt;
+    hex::encode(sha2::Sha256::digest(dir.as_os_str().as_bytes()))
 }

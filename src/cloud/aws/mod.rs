@@ -25,11 +25,24 @@ use super::{
     RootDisk, Tagged, Tags, Volume,
 };
 
+mod snapshots;
+
 #[derive(Clone)]
 pub struct AwsCloud {
     ec2: aws_sdk_ec2::Client,
     ssm: aws_sdk_ssm::Client,
     pub region: String,
+    /// The KMS key for the volumes (and so the snapshots) this tool creates; None: the
+    /// region's default EBS key.
+    kms_key_id: Option<String>,
+}
+
+impl AwsCloud {
+    /// Volumes made from now on are encrypted with this KMS key (ID, ARN or alias).
+    pub fn with_kms_key(mut self, key: Option<String>) -> Self {
+        self.kms_key_id = key;
+        self
+    }
 }
 
 /// Loads the standard AWS configuration (profiles, environment, SSO, instance roles; and
@@ -59,6 +72,7 @@ pub async fn connect() -> CloudResult<AwsCloud> {
         ec2: aws_sdk_ec2::Client::new(&config),
         ssm: aws_sdk_ssm::Client::new(&config),
         region,
+        kms_key_id: None,
     })
 }
 
@@ -162,6 +176,7 @@ impl Cloud for AwsCloud {
             .size(size_gib)
             .volume_type(VolumeType::Gp3)
             .encrypted(true)
+            .set_kms_key_id(self.kms_key_id.clone())
             .tag_specifications(tag_spec(ResourceType::Volume, tags))
             .send()
             .await

@@ -1,0 +1,192 @@
+//! Taking a snapshot of a backup volume: started with the backup's tags, recorded in the run's
+//! ledger (so a failed or interrupted run deletes it), awaited until `completed` with
+//! progress and a deadline, and only then kept (tagged `ec2-backup:kept`, forgotten by the
+//! ledger). `gc` deletes a snapshot of a killed run that was never kept.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::cloud::snapshot::Snapshots;
+use crate::cloud::{CloudError, CloudResult, Tags};
+use crate::ledger::{Ledger, Resource};
+use crate::report::Reporter;
+use crate::tags::key;
+
+/// How long a snapshot may take to complete unless `EC2_BACKUP_SNAPSHOT_TIMEOUT` says (a
+/// volume's first snapshot copies every written block: on EC2 tens of MiB/s).
+pub const DEFAULT_LIMIT: Duration = Duration::from_secs(3 * 3600);
+
+/// The deadline for a snapshot to complete, from `EC2_BACKUP_SNAPSHOT_TIMEOUT` (seconds).
+pub fn limit_from_env() -> Result<Duration, String> {
+    match std::env::var("EC2_BACKUP_SNAPSHOT_TIMEOUT") {
+        Err(_) => Ok(DEFAULT_LIMIT),
+        Ok(text) => match text.trim().parse::<u64>() {
+            Ok(s) if s > 0 => Ok(Duration::from_secs(s)),
+            _ => Err(format!(
+                "EC2_BACKUP_SNAPSHOT_TIMEOUT is '{text}', not a number of seconds"
+            )),
+        },
+    }
+}
+
+/// Starts a snapshot of `volume` and records it in `ledger` the moment EC2 answers.
+pub async fn start<C: Snapshots>(
+    cloud: &C,
+    ledger: &Arc<Ledger>,
+    volume: &str,
+    description: &str,
+    tags: &Tags,
+) -> CloudResult<String> {
+    let (c, v, d, t) = (
+        cloud.clone(),
+        volume.to_string(),
+        description.to_string(),
+        tags.clone(),
+    );
+    ledger
+        .create(
+            async move { c.create_snapshot(&v, &d, &t).await },
+            |id: &String| Resource::Snapshot(id.clone()),
+        )
+        .await
+}
+
+/// Waits until the snapshot is `completed`: progress on a terminal, the state in verbose
+/// steps; an `error` state, a vanished snapshot or the deadline fail.
+pub async fn wait_completed<C: Snapshots>(
+    cloud: &C,
+    id: &str,
+    limit: Duration,
+    report: &Reporter,
+) -> CloudResult<()> {
+    const ACTION: &str = "Waiting for the snapshot";
+    let bar = progress_bar();
+    let deadline = Instant::now() + limit;
+    let mut interval = Duration::from_millis(250);
+    let mut shown = String::new();
+    loop {
+        let Some(s) = cloud.describe_snapshot(id).await? else {
+            return Err(CloudError::new(
+                ACTION,
+                format!("the snapshot {id} is gone"),
+            ));
+        };
+        let progress = s.progress.clone().unwrap_or_default();
+        if let Some(p) = percent(&progress) {
+            bar.set_position(p);
+        }
+        let state = format!("{} {progress}", s.state);
+        if state != shown {
+            report.step(&format!("snapshot {id}: {}", state.trim()));
+            shown = state;
+        }
+        match s.state.as_str() {
+            "completed" => {
+                bar.finish_and_clear();
+                return Ok(());
+            }
+            "error" => {
+                bar.abandon();
+                return Err(CloudError::new(
+                    ACTION,
+                    format!(
+                        "EC2 reports the snapshot {id} failed ({})",
+                        s.message.unwrap_or_else(|| "no reason given".into())
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            bar.abandon();
+            return Err(CloudError::new(
+                ACTION,
+                format!(
+                    "the snapshot {id} was not completed within {} s (last: {}); raise EC2_BACKUP_SNAPSHOT_TIMEOUT",
+                    limit.as_secs(),
+                    shown.trim()
+                ),
+            ));
+        }
+        tokio::time::sleep(interval).await;
+        // Snapshots take seconds to hours: a few polls early, then one every 5 s (far below
+        // DescribeSnapshots' request limits).
+        interval = (interval * 3 / 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Marks a completed snapshot as kept and takes it off the ledger: from now on it is a
+/// backup, which no cleanup, `gc` or failure deletes (only `prune`, by its policy).
+pub async fn keep<C: Snapshots>(cloud: &C, ledger: &Ledger, id: &str) -> CloudResult<()> {
+    cloud
+        .create_tags(id, &vec![(key::KEPT.to_string(), "true".to_string())])
+        .await?;
+    ledger.forget(&Resource::Snapshot(id.to_string()));
+    Ok(())
+}
+
+fn percent(progress: &str) -> Option<u64> {
+    progress.trim().trim_end_matches('%').parse::<u64>().ok()
+}
+
+/// Percent done on stderr, drawn only when stderr is a terminal.
+fn progress_bar() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(100),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("snapshot {pos:>3}% {wide_bar} {elapsed}")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cloud::fake::{FakeCloud, Faulty};
+    use crate::cloud::Cloud;
+
+    #[test]
+    fn progress_is_read_as_percent() {
+        assert_eq!(percent("42%"), Some(42));
+        assert_eq!(percent("100%"), Some(100));
+        assert_eq!(percent(""), None);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_is_on_the_ledger_until_kept() {
+        let fake = FakeCloud::default();
+        let v = fake.create_volume("fake-1a", 1, &vec![]).await.unwrap();
+        let ledger = Arc::new(Ledger::default());
+        let id = start(&fake, &ledger, &v, "d", &vec![]).await.unwrap();
+        assert_eq!(ledger.snapshot(), vec![Resource::Snapshot(id.clone())]);
+        wait_completed(&fake, &id, Duration::from_secs(5), &Reporter::new(false))
+            .await
+            .unwrap();
+        keep(&fake, &ledger, &id).await.unwrap();
+        assert!(ledger.snapshot().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_wait_leaves_the_snapshot_to_the_unwind() {
+        let fake = FakeCloud::default();
+        let faulty = Faulty::new(fake.clone());
+        faulty.fail("DescribeSnapshots", "RequestLimitExceeded", 1, 1);
+        let v = fake.create_volume("fake-1a", 1, &vec![]).await.unwrap();
+        let ledger = Arc::new(Ledger::default());
+        let id = start(&faulty, &ledger, &v, "d", &vec![]).await.unwrap();
+        let quiet = Reporter::new(false);
+        let waited = wait_completed(&faulty, &id, Duration::from_secs(5), &quiet).await;
+        assert!(waited.is_err());
+        let left = ledger.unwind(&faulty, None, &Reporter::new(false)).await;
+        assert!(left.is_empty(), "{left:?}");
+        assert!(
+            fake.snapshots().is_empty(),
+            "the unkept snapshot was deleted"
+        );
+        assert!(fake.volume(&v).is_some(), "the volume is not the ledger's");
+    }
+}
