@@ -25,6 +25,7 @@ Environment:
   EC2_BACKUP_BOOT_TIMEOUT  seconds the helper may take to accept ssh (default 300)
   EC2_BACKUP_WATCHDOG_SECONDS  the helper powers itself off (taking the run's own volume
                            with it) this long after the run's last heartbeat (default 300)
+  EC2_BACKUP_SNAPSHOT_TIMEOUT  seconds --snapshot waits for the snapshot (default 10800)
   EC2_BACKUP_SSH_CIDR      the address allowed to reach the helper's ssh port (default:
                            this machine's address as the helper sees it: the route's
                            source, or checkip.amazonaws.com's answer behind NAT)

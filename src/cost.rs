@@ -47,6 +47,16 @@ pub fn volume_usd_per_month(gib: i32) -> f64 {
     f64::from(gib) * GP3_USD_PER_GIB_MONTH
 }
 
+/// EBS snapshot storage, standard tier, per GB-month (us-east-1).
+const SNAPSHOT_USD_PER_GIB_MONTH: f64 = 0.05;
+
+/// What a volume's first snapshot holding `bytes` of written data costs per month (later
+/// snapshots store only changed blocks: see docs/history.md).
+pub fn snapshot_usd_per_month(bytes: u64) -> f64 {
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    (gib * SNAPSHOT_USD_PER_GIB_MONTH * 10_000.0).round() / 10_000.0
+}
+
 /// A guess at a run's length: boot and teardown, plus the data at a modest 50 MiB/s.
 pub fn estimated_seconds(bytes: u64) -> f64 {
     120.0 + bytes as f64 / (50.0 * 1024.0 * 1024.0)

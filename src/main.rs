@@ -57,9 +57,9 @@ async fn run_backup(args: ec2_backup::cli::BackupArgs) -> ExitCode {
         Ok(o) => o,
         Err(e) => return fail(&e.to_string(), e.exit_code()),
     };
-    let (as_json, method) = (options.json, options.method);
+    let (as_json, method, history) = (options.json, options.method, options.history);
     match backup::run(options).await {
-        Ok(Done::DryRun(plan)) => print_or_fail(&output::dry_run(&plan, method, as_json)),
+        Ok(Done::DryRun(plan)) => print_or_fail(&output::dry_run(&plan, method, history, as_json)),
         Ok(Done::Backup(outcome)) => {
             if print(&output::backup(&outcome, as_json)).is_err() {
                 return ExitCode::from(exit::FAILED as u8);

@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::commands::backup::{Outcome, Plan};
+use crate::commands::backup::{History, Outcome, Plan};
 use crate::cost;
 use crate::helper::keys::KeyPlan;
 use crate::method::Method;
@@ -35,12 +35,13 @@ pub fn backup(o: &Outcome, as_json: bool) -> String {
         "zone": o.zone,
         "instance_type": o.instance_type,
         "instance_cost_usd": cost::instance_usd(&o.instance_type, o.seconds).map(micro),
-        "volume_cost_usd_per_month": cost::volume_usd_per_month(o.size_gib),
+        "volume_cost_usd_per_month": (!o.volume_deleted).then(|| cost::volume_usd_per_month(o.size_gib)),
+        "snapshot_cost_usd_per_month": o.snapshot_id.as_ref().map(|_| cost::snapshot_usd_per_month(o.transfer.bytes)),
     })
     .to_string()
 }
 
-pub fn dry_run(plan: &Plan, method: Method, as_json: bool) -> String {
+pub fn dry_run(plan: &Plan, method: Method, history: History, as_json: bool) -> String {
     let helper = &plan.helper;
     let size = plan
         .existing_volume
@@ -50,6 +51,9 @@ pub fn dry_run(plan: &Plan, method: Method, as_json: bool) -> String {
     let seconds = cost::estimated_seconds(plan.inventory.data_bytes);
     let instance_cost = cost::instance_usd(&helper.instance_type, seconds);
     let volume_cost = cost::volume_usd_per_month(size);
+    let snapshot_cost = (history != History::Volume)
+        .then(|| cost::snapshot_usd_per_month(plan.inventory.data_bytes));
+    let volume_kept = history != History::SnapshotOnly;
     let key = match &helper.key {
         KeyPlan::Existing { .. } => None,
         KeyPlan::Create { path } => Some(format!(
@@ -82,7 +86,8 @@ pub fn dry_run(plan: &Plan, method: Method, as_json: bool) -> String {
             "security_group_ingress": helper.ssh_group.as_ref().and_then(|g| g.cidr.as_ref()),
             "estimated_seconds": seconds.round(),
             "estimated_instance_cost_usd": instance_cost.map(micro),
-            "volume_cost_usd_per_month": volume_cost,
+            "volume_cost_usd_per_month": volume_kept.then_some(volume_cost),
+            "snapshot_cost_usd_per_month": snapshot_cost,
         })
         .to_string();
     }
@@ -130,8 +135,23 @@ pub fn dry_run(plan: &Plan, method: Method, as_json: bool) -> String {
             helper.instance_type
         ),
     };
+    match history {
+        History::Volume => {}
+        History::Snapshot => lines.push("  then snapshot the volume and wait until the snapshot is completed".into()),
+        History::SnapshotOnly => lines.push("  then snapshot the volume, wait until the snapshot is completed, and delete the volume".into()),
+    }
+    let mut kept = Vec::new();
+    if volume_kept {
+        kept.push(format!(
+            "the volume about ${volume_cost:.2} per month while kept"
+        ));
+    }
+    if let Some(c) = snapshot_cost {
+        kept.push(format!("the snapshot about ${c:.4} per month (a first snapshot of the data; later ones store changed blocks)"));
+    }
     lines.push(format!(
-        "Estimated cost (us-east-1 list prices): {instance}; the volume about ${volume_cost:.2} per month while kept."
+        "Estimated cost (us-east-1 list prices): {instance}; {}.",
+        kept.join("; ")
     ));
     lines.push("Nothing was created.".to_string());
     lines.join("\n")
