@@ -13,6 +13,7 @@ Timing (timing.py has every figure with its source; `ec2sim timing` prints them)
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -48,6 +49,8 @@ def _timing():
 
 def cmd_up(sdir, name, args):
     spec = _timing()  # before anything starts: a bad figure is only an error message
+    if not shutil.which("nft"):  # firewall.py enforces the helpers' security groups with it
+        raise Fail("nft is missing: install the Debian package nftables (scripts/setup does).")
     os.makedirs(sdir, exist_ok=True)
     with config.locked(os.path.join(os.path.dirname(sdir), f".{name}.lock")):
         cfg = config.read_json(os.path.join(sdir, "config.json"))
@@ -129,7 +132,7 @@ def cmd_fault(sdir, name, args):
         raise Fail(f"simulator '{name}' is not up")
     if not args:
         raise Fail("usage: ec2sim fault api ACTION CODE COUNT | boot-delay S | attach-delay S | "
-                   "never-boot [N] | no-python [N] | missing-tool PROGRAM [N] | "
+                   "snapshot-delay S | never-boot [N] | no-python [N] | missing-tool PROGRAM [N] | "
                    "broken-tool PROGRAM [N] | link MBIT [DELAY_MS] | clear")
     kind, rest = args[0], args[1:]
     try:
@@ -139,6 +142,8 @@ def cmd_fault(sdir, name, args):
                 action, {"code": code, "count": count}))
         elif kind == "boot-delay" and len(rest) == 1:
             faults.update(sdir, lambda d: d.__setitem__("boot_delay", float(rest[0])))
+        elif kind == "snapshot-delay" and len(rest) == 1:
+            faults.update(sdir, lambda d: d.__setitem__("snapshot_delay", float(rest[0])))
         elif kind == "attach-delay" and len(rest) == 1:
             faults.update(sdir, lambda d: d.__setitem__("attach_delay", float(rest[0])))
         elif kind == "never-boot" and len(rest) <= 1:

@@ -18,7 +18,7 @@ for _v in ("MOTO_ENABLE_AMI_VALIDATION", "MOTO_ENABLE_KEYPAIR_VALIDATION",
 from moto.moto_server import threaded_moto_server as tms  # noqa: E402
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app  # noqa: E402
 
-from . import config, ebsdirect, faults, rules, runtime, statusview, timing  # noqa: E402
+from . import config, ebsdirect, faults, firewall, rules, runtime, statusview, timing  # noqa: E402
 
 INTERNAL_HEADER = "HTTP_X_EC2SIM_INTERNAL"
 
@@ -104,6 +104,7 @@ def main():
     statusview.TIMING = sim.timing.profile
     print(timing.table(cfg.get("timing") or timing.resolve(os.environ)), end="", flush=True)
     rules.install(sim)
+    firewall.install(sim)  # after rules: wraps the backend as rules left it
     ebsdirect.install(sim)
     server = Server(sdir, cfg["port"])
     server.start()

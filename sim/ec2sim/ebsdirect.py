@@ -10,17 +10,19 @@ import base64
 import hashlib
 import json
 import os
+import time
 
 from moto.core.exceptions import JsonRESTError
 from moto.core.responses import ActionResult
 from moto.ebs.models import Block, EBSBackend, EBSSnapshot
 from moto.ebs.responses import EBSResponse
 
-from . import hostops, rules
+from . import hostops, rules, runtime
 
 BLOCK = 524288
 BLOCKS_PER_GIB = (1 << 30) // BLOCK
 MAX_GIB = 65536  # StartSnapshot VolumeSize limit (64 TiB)
+TIMEOUT_MIN = (10, 4320, 60)  # StartSnapshot Timeout, minutes: range and default (API ref.)
 
 
 class EbsError(JsonRESTError):
@@ -51,13 +53,14 @@ def install(sim):
 
     def snap(backend, sid):
         s = backend.snapshots.get(sid)
-        if s is None:
+        if s is None or sid not in backend.ec2_backend.snapshots:  # deleted (rules.py)
             raise not_found(sid)
         return s
 
     def start_snapshot(self, volume_size, tags, description, parent=None, encrypted=False,
-                       token=None):
-        if token and token in tokens and tokens[token] in self.snapshots:
+                       token=None, kms_key=None, timeout=None):
+        if token and token in tokens and tokens[token] in self.snapshots \
+                and tokens[token] in self.ec2_backend.snapshots:  # not if deleted since
             return self.snapshots[tokens[token]]
         try:
             size = int(volume_size)
@@ -82,6 +85,18 @@ def install(sim):
             if size < psnap.volume.size:
                 raise invalid(f"Volume size {size} GiB is smaller than the parent "
                               f"snapshot's {psnap.volume.size} GiB.", "INVALID_VOLUME_SIZE")
+            if kms_key and psnap.encrypted:  # EBS User Guide, "Encryption outcomes for EBS
+                # direct APIs": an encrypted parent's key is the snapshot's
+                raise invalid("KmsKeyArn cannot be used with an encrypted ParentSnapshotId.")
+        if kms_key and not encrypted and not (psnap and psnap.encrypted):
+            raise invalid("KmsKeyArn requires Encrypted.")
+        try:
+            minutes = int(TIMEOUT_MIN[2] if timeout is None else timeout)
+        except (TypeError, ValueError):
+            raise invalid(f"Invalid Timeout {timeout!r}.")
+        if not TIMEOUT_MIN[0] <= minutes <= TIMEOUT_MIN[1]:
+            raise invalid(f"Timeout {minutes} must be {TIMEOUT_MIN[0]}-{TIMEOUT_MIN[1]} "
+                          "minutes.")
         ec2 = self.ec2_backend
         with rules.internal():  # no volume file and no copy job for this bookkeeping volume
             vol = ec2.create_volume(size=size, zone_name=f"{self.region_name}a")
@@ -90,7 +105,16 @@ def install(sim):
         if tags:
             es.add_tags({t["Key"]: t["Value"] for t in tags})
         es.status = "pending"
-        es.encrypted = bool(encrypted)
+        # Encryption outcomes for EBS direct APIs (EBS User Guide): an encrypted parent's
+        # key; else Encrypted with KmsKeyArn, or the account's default EBS key without.
+        if psnap is not None and psnap.encrypted:
+            es.encrypted, es.kms_key_id = True, psnap.kms_key_id
+        elif encrypted:
+            es.encrypted = True
+            es.kms_key_id = (rules.kms_arn(ec2, kms_key) if kms_key else
+                             ec2.default_kms_key_id or ec2._create_default_encryption_key())
+        else:
+            es.encrypted = False
         s = EBSSnapshot(account_id=self.account_id, snapshot=es)
         s.block_size = BLOCK
         path = sim.snap_file(es.id)
@@ -105,7 +129,34 @@ def install(sim):
         self.snapshots[es.id] = s
         if token:
             tokens[token] = es.id
+        cancel_at_timeout(es, s, minutes)
         return s
+
+    def cancel_at_timeout(es, s, minutes):
+        """StartSnapshot Timeout: "The amount of time (in minutes) after which the snapshot
+        is automatically cancelled if: No blocks are written to the snapshot. The snapshot
+        is not completed after writing the last block of data." (EBS direct API reference).
+        Cancelled is EC2's `error` state (coldsnap#332: an interrupted upload "leaves a
+        pending / error snapshot"); a DeleteSnapshot accepted while pending takes effect
+        then (rules.py). Minutes are scaled by EC2SIM_TIMING_SCALE."""
+        span = minutes * 60 * sim.timing.scale
+        s._sim_deadline = time.time() + span
+        s._sim_span = span
+
+        def run():
+            while True:
+                with runtime.SNAP_LOCK:
+                    if s.status != "pending" or es.status != "pending":
+                        return  # completed (CompleteSnapshot) or deleted
+                    left = s._sim_deadline - time.time()
+                    if left <= 0:
+                        s.status = es.status = "error"
+                        gone = getattr(es, "_sim_delete", False)
+                        break
+                time.sleep(min(left, 1.0))
+            if gone:
+                sim.forget_snapshot(es)
+        sim.later(run)
 
     def put_snapshot_block(self, snapshot_id, block_index, block_data, checksum,
                            checksum_algorithm, data_length):
@@ -138,6 +189,7 @@ def install(sim):
             os.close(fd)
         s.blocks[idx] = Block(digest, checksum, "SHA256", BLOCK)
         s._sim_written[idx] = digest
+        s._sim_deadline = time.time() + getattr(s, "_sim_span", 0)  # Timeout counts anew
         return checksum, "SHA256"
 
     def complete_snapshot(self, snapshot_id, changed=None, checksum=None, algorithm=None,
@@ -157,13 +209,17 @@ def install(sim):
             agg = hashlib.sha256(b"".join(written[i] for i in sorted(written))).digest()
             if checksum != base64.b64encode(agg).decode():
                 raise invalid("The aggregated checksum does not match the blocks written.")
-        s.status = "completed"
+        with runtime.SNAP_LOCK:
+            if s.status != "pending":  # cancelled at its Timeout meanwhile
+                raise invalid(f"The snapshot '{snapshot_id}' is not in the pending state.",
+                              "INVALID_SNAPSHOT_ID")
+            s.status = "completed"
         es = self.ec2_backend.snapshots.get(snapshot_id)
-
-        def done():  # as on AWS: CompleteSnapshot answers pending, the seal is asynchronous
-            if es is not None:
-                es.status = "completed"
-        sim.after(sim.timing.snapshot(len(written) * BLOCK), done)
+        # As on AWS: CompleteSnapshot answers pending, the seal is asynchronous; its
+        # Progress moves meanwhile, and a DeleteSnapshot accepted before takes effect at
+        # its end (runtime.Sim.seal).
+        if es is not None:
+            sim.seal(es, sim.timing.snapshot(len(written) * BLOCK))
         return "pending"
 
     def get_snapshot_block(self, snapshot_id, block_index, block_token=None):
@@ -193,12 +249,17 @@ def _install_responses():
         s = self.ebs_backend.start_snapshot(
             self._get_param("VolumeSize"), self._get_param("Tags"),
             self._get_param("Description"), parent=self._get_param("ParentSnapshotId"),
-            encrypted=bool(self._get_param("Encrypted")), token=self._get_param("ClientToken"))
-        return ActionResult({"SnapshotId": s.snapshot_id, "OwnerId": s.account_id,
-                             "Status": s.status, "StartTime": s.start_time,
-                             "VolumeSize": s.volume_size, "BlockSize": s.block_size,
-                             "Tags": s.tags, "Description": s.description,
-                             "ParentSnapshotId": self._get_param("ParentSnapshotId")})
+            encrypted=bool(self._get_param("Encrypted")), token=self._get_param("ClientToken"),
+            kms_key=self._get_param("KmsKeyArn"), timeout=self._get_param("Timeout"))
+        es = self.ebs_backend.ec2_backend.snapshots.get(s.snapshot_id)
+        result = {"SnapshotId": s.snapshot_id, "OwnerId": s.account_id,
+                  "Status": s.status, "StartTime": s.start_time,
+                  "VolumeSize": s.volume_size, "BlockSize": s.block_size,
+                  "Tags": s.tags, "Description": s.description,
+                  "ParentSnapshotId": self._get_param("ParentSnapshotId")}
+        if es is not None and es.encrypted:
+            result["KmsKeyArn"] = es.kms_key_id
+        return ActionResult(result)
 
     def complete_snapshot(self):
         status = self.ebs_backend.complete_snapshot(
@@ -217,7 +278,7 @@ def _install_responses():
     def list_snapshot_blocks(self):
         sid = self._get_param("SnapshotId")
         s = self.ebs_backend.snapshots.get(sid)
-        if s is None:
+        if s is None or sid not in self.ebs_backend.ec2_backend.snapshots:
             raise not_found(sid)
         maxr = int(self._get_param("MaxResults") or 10000)
         if not 100 <= maxr <= 10000:

@@ -39,6 +39,17 @@ def err(code, msg):
     return EC2ClientError(code, msg)
 
 
+def kms_arn(backend, key):
+    """The ARN of a KMS key named by ID, ARN, alias or alias ARN, as EC2 shows it; as given
+    if moto's KMS does not know it (EC2 checks the key asynchronously: the call "can appear
+    to complete, but eventually fails", CreateVolume API reference; not simulated)."""
+    from moto.kms import kms_backends
+    try:
+        return kms_backends[backend.account_id][backend.region_name].describe_key(key).arn
+    except Exception:
+        return key
+
+
 def install(sim):
     orig = {n: getattr(EC2Backend, n) for n in (
         "run_instances", "terminate_instances", "stop_instances", "start_instances",
@@ -162,14 +173,28 @@ def install(sim):
         zones = {z.name for z in self.describe_availability_zones()}
         if zone_name not in zones:
             raise err("InvalidParameterValue", f"Invalid availability zone: [{zone_name}]")
+        if kw.get("kms_key_id"):  # DescribeVolumes shows the key's ARN, however it was named
+            kw["kms_key_id"] = kms_arn(self, kw["kms_key_id"])
         if snapshot_id:
             snap = self.get_snapshot(snapshot_id)
             if getattr(snap, "status", "completed") != "completed":
-                raise err("IncorrectState", f"Snapshot '{snapshot_id}' is not 'completed'.")
+                # EC2's answer for a pending snapshot (seen in client code that retries on
+                # it, e.g. rexray's EBS driver and boto3 users: "An error occurred
+                # (IncorrectState) when calling the CreateVolume operation: Snapshot is in
+                # invalid state - pending").
+                raise err("IncorrectState", f"Snapshot is in invalid state - {snap.status}")
             if size is not None and int(size) < snap.volume.size:
                 raise err("InvalidParameterValue",
                           f"Volume of size {size} is smaller than snapshot '{snapshot_id}', "
                           f"expect size >= {snap.volume.size}")
+            if snap.encrypted and (kw.get("encrypted") or not kw.get("kms_key_id")):
+                # "All volumes created from those snapshots" are encrypted (EBS User Guide,
+                # "How Amazon EBS encryption works"), with the snapshot's own KMS key unless
+                # KmsKeyId names another ("Amazon EBS encryption examples", encryption
+                # outcomes); moto would give its default key instead. (KmsKeyId without
+                # Encrypted stays moto's InvalidParameterDependency, as EC2 refuses it.)
+                kw["encrypted"] = True
+                kw["kms_key_id"] = kw.get("kms_key_id") or snap.kms_key_id or None
         if size is not None and not 1 <= int(size) <= 16384:
             raise err("InvalidParameterValue",
                       f"Volume of {size}GiB is too large or too small; expected 1-16384.")
@@ -238,20 +263,50 @@ def install(sim):
         return res
 
     # --- snapshots ----------------------------------------------------------
+    from .runtime import SNAP_LOCK
+    from moto.ec2.models.elastic_block_store import Snapshot
+
     def create_snapshot(self, volume_id, description, *a, **kw):
         snap = orig["create_snapshot"](self, volume_id, description, *a, **kw)
         if not is_internal():
-            sim.snapshot(self.get_volume(volume_id), snap)
+            vol = self.get_volume(volume_id)
+            if vol.encrypted:  # "A snapshot automatically gets the same encryption status as
+                # the volume" (EBS User Guide, "Create Amazon EBS snapshots"): and its key
+                snap.kms_key_id = vol.kms_key_id
+            sim.snapshot(vol, snap)
         return snap
 
     def delete_snapshot(self, snapshot_id):
-        res = orig["delete_snapshot"](self, snapshot_id)
-        try:
-            import os
-            os.unlink(sim.snap_file(snapshot_id))
-        except OSError:
-            pass
+        """"Although you can delete a snapshot that is still in progress, the snapshot must
+        complete before the deletion takes effect" (EBS User Guide, "Delete an Amazon EBS
+        snapshot"; re:Post "ebs-snapshot-stuck": its progress continues to 100 %). So a
+        pending one is accepted and stays, pending, until it ends (runtime.Sim.seal,
+        ebsdirect's cancellation), then goes. A volume being created from a snapshot does
+        not hold it: that page lists every case DeleteSnapshot refuses (an AMI's, AWS
+        Backup's, a shared one) and this is not one; the volume keeps its data (copied at
+        CreateVolume, runtime.created)."""
+        snap = self.get_snapshot(snapshot_id)  # InvalidSnapshot.NotFound, as EC2
+        with SNAP_LOCK:
+            if snap.status == "pending":
+                snap._sim_delete = True
+                return snap
+        res = orig["delete_snapshot"](self, snapshot_id)  # an AMI's: InvalidSnapshot.InUse
+        sim.forget_snapshot(snap)
         return res
+
+    def snapshot_progress(self):
+        """DescribeSnapshots Progress: moto says 100% always. Here it moves from 0% with
+        the time since CreateSnapshot (or CompleteSnapshot) over the time to completion
+        (runtime.Sim.seal), 99% at most while pending; 0% for a StartSnapshot one still
+        taking blocks."""
+        if self.status == "completed":
+            return "100%"
+        t0, secs = getattr(self, "_sim_t0", None), getattr(self, "_sim_seconds", 0)
+        if self.status != "pending" or t0 is None:
+            return "0%"
+        pct = int(100 * (time.time() - t0) / secs) if secs > 0 else 99
+        return f"{max(0, min(99, pct))}%"
+    Snapshot.progress = property(snapshot_progress)
 
     # --- security groups ----------------------------------------------------
     def delete_security_group(self, name=None, group_id=None):

@@ -34,6 +34,8 @@ def _snapshot(backend, sdir):
                 "tags": _tags(backend, mi.id),
                 "security_groups": [g if isinstance(g, str) else g.id
                                     for g in list(mi.security_groups or [])],
+                # The sources its port 22 admits now, as enforced (firewall.py).
+                "ssh_admits": list(getattr(mi, "_sim_ssh_admits", None) or []),
                 "state_reason": reason, "shutdown": SHUTDOWN.get(reason)})
     for v in list(backend.volumes.values()):
         f = os.path.join(sdir, "volumes", v.id + ".img")
@@ -47,10 +49,21 @@ def _snapshot(backend, sdir):
                              "delete_on_termination": att.delete_on_termination}]
             if att else []})
     for s in list(backend.snapshots.values()):
+        if getattr(s, "from_ami", None):
+            continue  # moto's ~1300 snapshots behind its AMIs: not the user's
         vol = s.volume
-        out["snapshots"].append({"id": s.id, "state": s.status,
+        f = os.path.join(sdir, "snapshots", s.id + ".img")
+        out["snapshots"].append({"id": s.id, "state": s.status, "progress": s.progress,
                                  "volume": vol.id if vol else None,
-                                 "size": vol.size if vol else None})
+                                 "size": vol.size if vol else None,
+                                 "tags": _tags(backend, s.id),
+                                 "encrypted": bool(s.encrypted),
+                                 "kms_key_id": s.kms_key_id or None,
+                                 "start_time": getattr(s.start_time, "isoformat",
+                                                       lambda: None)(),
+                                 # DeleteSnapshot accepted while pending: goes once it ends
+                                 "deleting": bool(getattr(s, "_sim_delete", False)),
+                                 "file": f if os.path.exists(f) else None})
     for groups in list(backend.groups.values()):
         for g in list(groups.values()):
             out["security_groups"].append({"id": g.id, "name": g.name,

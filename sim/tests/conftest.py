@@ -1,14 +1,17 @@
 """Each test module gets its own simulator (unique EC2SIM_NAME), torn down at the end
 with a check that nothing of it is left on the host."""
 import base64
+import ipaddress
 import json
 import os
+import socket
 import subprocess
 import time
 import uuid
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EC2SIM = os.path.join(REPO, "scripts", "ec2sim")
@@ -38,6 +41,7 @@ class Sim:
         self.ssm = boto3.client("ssm", **kw)
         self.state_dir = json.loads(json.dumps(self.status_path()))
         self.key = None
+        self.admitted = set()  # (group id, source address) rules this Sim authorized
 
     def status_path(self):
         root = os.environ.get("EC2SIM_STATE_DIR") or os.path.join(REPO, ".sim")
@@ -64,13 +68,58 @@ class Sim:
             os.chmod(self.key, 0o600)
         return "test-" + self.name
 
-    def launch(self, itype="t3.micro", wait=True, **kw):
+    def launch(self, itype="t3.micro", wait=True, admit=True, **kw):
+        """admit: let this host in on its port 22 (admit()) right after RunInstances, as a
+        user does: the simulator enforces security-group ingress."""
         kw.setdefault("KeyName", self.keypair())
         r = self.ec2.run_instances(ImageId=kw.pop("ImageId", None) or self.ami(
             "arm64" if itype.split(".")[0].endswith("g") else "x86_64"),
             InstanceType=itype, MinCount=1, MaxCount=1, **kw)
-        iid = r["Instances"][0]["InstanceId"]
-        return self.wait_instance(iid) if wait else r["Instances"][0]
+        inst = r["Instances"][0]
+        if admit:
+            self.admit(inst)
+        return self.wait_instance(inst["InstanceId"]) if wait else inst
+
+    def ssh_source(self, addr, timeout=10):
+        """This host's address on the route to addr (what the instance sees connections
+        come from), found with a UDP connect; waits for the instance's network to exist
+        (until then the route is the default one, not the instance's /30)."""
+        end = time.time() + timeout
+        while True:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                s.connect((addr, 22))
+                src = s.getsockname()[0]
+            finally:
+                s.close()
+            if ipaddress.ip_address(addr) in ipaddress.ip_network(f"{src}/30", strict=False):
+                return src
+            assert time.time() < end, f"no route to {addr} from its host side ({src})"
+            time.sleep(0.02)
+
+    @staticmethod
+    def groups(inst):
+        """The instance's group ids (its primary interface's when it named none)."""
+        ids = [g["GroupId"] for g in inst.get("SecurityGroups") or []]
+        for nic in inst.get("NetworkInterfaces") or []:
+            ids += [g["GroupId"] for g in nic.get("Groups") or [] if g["GroupId"] not in ids]
+        return ids
+
+    def admit(self, inst):
+        """Authorizes tcp/22 from this host's address /32 on the instance's first group (the
+        VPC's default group when it was launched into none): once per group and address."""
+        src = self.ssh_source(inst["PublicIpAddress"])
+        gid = self.groups(inst)[0]
+        if (gid, src) not in self.admitted:
+            try:
+                self.ec2.authorize_security_group_ingress(GroupId=gid, IpPermissions=[
+                    {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
+                     "IpRanges": [{"CidrIp": f"{src}/32", "Description": "sim tests"}]}])
+            except ClientError as e:
+                if e.response["Error"]["Code"] != "InvalidPermission.Duplicate":
+                    raise
+            self.admitted.add((gid, src))
+        return src
 
     def describe(self, iid):
         return self.ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
@@ -159,6 +208,9 @@ def sim(request, tmp_path_factory):
         assert f"es{tag}" not in links
         assert s.state_dir not in loops
         assert s.state_dir not in mounts
+        # The port-22 filters live in the instances' namespaces, never in the host's ruleset.
+        tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True)
+        assert tables.returncode == 0 and "ec2sim" not in tables.stdout, tables
         for e in entries:
             if e["kind"] == "pid" and e.get("start"):
                 try:

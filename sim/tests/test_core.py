@@ -280,8 +280,9 @@ def test_status_shape(sim, nitro):
     assert st["timing"] == "fast"
     i = next(x for x in st["instances"] if x["id"] == nitro["InstanceId"])
     assert set(i) == {"id", "state", "type", "zone", "address", "image", "key_name", "tags",
-                      "security_groups", "state_reason", "shutdown"}
+                      "security_groups", "ssh_admits", "state_reason", "shutdown"}
     assert i["address"] == nitro["PublicIpAddress"] and i["state"] == "running"
+    assert sim.ssh_source(nitro["PublicIpAddress"]) + "/32" in i["ssh_admits"]  # Sim.admit
     assert i["state_reason"] is None and i["shutdown"] is None
     assert i["security_groups"] == [g["GroupId"] for g in nitro["SecurityGroups"]]
     v = st["volumes"][0]
