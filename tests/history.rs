@@ -333,3 +333,60 @@ fn prune_keeps_what_its_policy_says_and_only_touches_its_own() {
         "a snapshot the tool did not make is never touched"
     );
 }
+
+#[test]
+fn a_failed_snapshot_leaves_the_backup_on_its_volume_with_exit_6() {
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"still backed up").unwrap();
+    let snapshots_before = status()["snapshots"].as_array().unwrap().len();
+    let faults = Faults::new();
+    faults.api("CreateSnapshot", "InternalError", 8);
+    let r = backup(&[OsStr::new("--snapshot-only")], &src);
+    drop(faults);
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    let vol = r.stdout.trim().to_string();
+    assert!(vol.starts_with("vol-"), "the volume is named on stdout: {:?}", r.stdout);
+    let last = r.stderr.lines().last().unwrap();
+    assert!(last.contains(&vol) && last.contains("without a snapshot"), "{last}");
+    let v = volume(&vol).expect("the volume stands");
+    assert_eq!(tags(&v)["ec2-backup:completed"], "true");
+    let into = s.path().join("x");
+    fs::create_dir(&into).unwrap();
+    extract_dd(&vol, &into);
+    assert_eq!(fs::read(into.join("f")).unwrap(), b"still backed up");
+    assert_eq!(status()["snapshots"].as_array().unwrap().len(), snapshots_before);
+    assert_no_live_instances();
+}
+
+#[test]
+fn sigint_while_waiting_for_the_snapshot_deletes_it_and_keeps_the_backup() {
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"kept on the volume").unwrap();
+    let faults = Faults::new();
+    faults.set(&["snapshot-delay", "6"]);
+    let mut cmd = ec2_backup();
+    cmd.env("EC2_BACKUP_VERBOSE", "1").arg("--snapshot").arg(&src);
+    let live = common::spawn::Live::start(&mut cmd);
+    let line = live.wait_for("snapshotting", std::time::Duration::from_secs(120));
+    let snap = id_after(&line, "snap-").expect("the snapshot's ID");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    live.signal(libc::SIGINT);
+    let ended = live.finish(std::time::Duration::from_secs(120));
+    drop(faults);
+    assert_eq!(ended.code(), Some(130), "{}", ended.show());
+    let vol = ended.stdout.trim().to_string();
+    assert!(vol.starts_with("vol-"), "{}", ended.show());
+    assert_eq!(tags(&volume(&vol).unwrap())["ec2-backup:completed"], "true");
+    assert!(ended.last_line().contains("without a snapshot"), "{}", ended.show());
+    // EC2 takes a pending snapshot's deletion once it completes.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while exists(&snap) {
+        assert!(std::time::Instant::now() < deadline, "{snap} was not deleted");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    assert_no_live_instances();
+}
