@@ -163,6 +163,12 @@ pub struct BackupArgs {
     #[arg(long, conflicts_with = "volume")]
     pub snapshot_only: bool,
 
+    /// No instance: upload the dd archive straight into an EBS snapshot (EBS direct APIs),
+    /// then make the volume from it (with --snapshot keep both; --snapshot-only keeps only
+    /// the snapshot). Not with -v or -m rsync
+    #[arg(long, conflicts_with = "volume")]
+    pub direct: bool,
+
     /// Encrypt the volumes this run creates (and so their snapshots) with this KMS key (ID,
     /// ARN or alias; default: the region's default EBS key)
     #[arg(long, value_name = "key-id")]

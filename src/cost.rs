@@ -57,6 +57,20 @@ pub fn snapshot_usd_per_month(bytes: u64) -> f64 {
     (gib * SNAPSHOT_USD_PER_GIB_MONTH * 10_000.0).round() / 10_000.0
 }
 
+/// EBS direct APIs: PutSnapshotBlock per 1,000 blocks, GetSnapshotBlock per 1,000 blocks.
+const PUT_BLOCK_USD_PER_1000: f64 = 0.006;
+const GET_BLOCK_USD_PER_1000: f64 = 0.003;
+
+/// What `blocks` PutSnapshotBlock calls cost (`--direct`: ~$0.012 per GiB).
+pub fn put_blocks_usd(blocks: u64) -> f64 {
+    blocks as f64 / 1000.0 * PUT_BLOCK_USD_PER_1000
+}
+
+/// What `blocks` GetSnapshotBlock calls cost (reading a `--direct` snapshot back).
+pub fn get_blocks_usd(blocks: u64) -> f64 {
+    blocks as f64 / 1000.0 * GET_BLOCK_USD_PER_1000
+}
+
 /// A guess at a run's length: boot and teardown, plus the data at a modest 50 MiB/s.
 pub fn estimated_seconds(bytes: u64) -> f64 {
     120.0 + bytes as f64 / (50.0 * 1024.0 * 1024.0)

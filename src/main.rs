@@ -60,6 +60,9 @@ async fn run_backup(args: ec2_backup::cli::BackupArgs) -> ExitCode {
     let (as_json, method, history) = (options.json, options.method, options.history);
     match backup::run(options).await {
         Ok(Done::DryRun(plan)) => print_or_fail(&output::dry_run(&plan, method, history, as_json)),
+        Ok(Done::DirectDryRun(plan)) => {
+            print_or_fail(&output::direct_dry_run(&plan, history, as_json))
+        }
         Ok(Done::Backup(outcome)) => {
             if print(&output::backup(&outcome, as_json)).is_err() {
                 return ExitCode::from(exit::FAILED as u8);

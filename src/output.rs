@@ -3,6 +3,7 @@
 
 use serde_json::json;
 
+use crate::commands::backup::direct::DirectPlan;
 use crate::commands::backup::{History, Outcome, Plan};
 use crate::cost;
 use crate::helper::keys::KeyPlan;
@@ -37,6 +38,8 @@ pub fn backup(o: &Outcome, as_json: bool) -> String {
         "instance_cost_usd": cost::instance_usd(&o.instance_type, o.seconds).map(micro),
         "volume_cost_usd_per_month": (!o.volume_deleted).then(|| cost::volume_usd_per_month(o.size_gib)),
         "snapshot_cost_usd_per_month": o.snapshot_id.as_ref().map(|_| cost::snapshot_usd_per_month(o.transfer.bytes)),
+        "direct": o.put_blocks.is_some(),
+        "api_cost_usd": o.put_blocks.map(|b| micro(cost::put_blocks_usd(b))),
     })
     .to_string()
 }
@@ -151,6 +154,71 @@ pub fn dry_run(plan: &Plan, method: Method, history: History, as_json: bool) -> 
     }
     lines.push(format!(
         "Estimated cost (us-east-1 list prices): {instance}; {}.",
+        kept.join("; ")
+    ));
+    lines.push("Nothing was created.".to_string());
+    lines.join("\n")
+}
+
+/// `--direct --dry-run`: what would be uploaded and made, and what it costs.
+pub fn direct_dry_run(plan: &DirectPlan, history: History, as_json: bool) -> String {
+    let blocks = plan.blocks();
+    let api = cost::put_blocks_usd(blocks);
+    let snapshot = cost::snapshot_usd_per_month(plan.archive_bytes);
+    let volume =
+        (history != History::SnapshotOnly).then(|| cost::volume_usd_per_month(plan.snapshot_gib));
+    let snapshot_kept = history != History::Volume;
+    if as_json {
+        return json!({
+            "dry_run": true,
+            "direct": true,
+            "directory": plan.dir.to_string_lossy(),
+            "entries": plan.inventory.entries,
+            "data_bytes": plan.inventory.data_bytes,
+            "archive_bytes": plan.archive_bytes,
+            "blocks": blocks,
+            "method": "dd",
+            "region": plan.region,
+            "zone": plan.zone,
+            "snapshot_gib": plan.snapshot_gib,
+            "api_cost_usd": micro(api),
+            "snapshot_cost_usd_per_month": snapshot_kept.then_some(snapshot),
+            "volume_cost_usd_per_month": volume,
+        })
+        .to_string();
+    }
+    let mut lines = vec![
+        format!(
+            "Back up {} ({} entries, {} MiB of data) with dd, directly (no instance):",
+            plan.dir.display(),
+            plan.inventory.entries,
+            plan.inventory.data_bytes.div_ceil(1 << 20)
+        ),
+        format!(
+            "  upload its {} byte archive as {blocks} blocks into an encrypted {} GiB snapshot (EBS direct APIs)",
+            plan.archive_bytes, plan.snapshot_gib
+        ),
+    ];
+    match history {
+        History::SnapshotOnly => lines.push("  keep the snapshot; make no volume".into()),
+        History::Snapshot => lines.push(format!(
+            "  create a {} GiB gp3 volume from it in {}; keep both",
+            plan.snapshot_gib, plan.zone
+        )),
+        History::Volume => lines.push(format!(
+            "  create a {} GiB gp3 volume from it in {}, then delete the snapshot",
+            plan.snapshot_gib, plan.zone
+        )),
+    }
+    let mut kept = vec![format!("about ${api:.4} of PutSnapshotBlock calls")];
+    if let Some(v) = volume {
+        kept.push(format!("the volume about ${v:.2} per month while kept"));
+    }
+    if snapshot_kept {
+        kept.push(format!("the snapshot about ${snapshot:.4} per month"));
+    }
+    lines.push(format!(
+        "Estimated cost (us-east-1 list prices): {}.",
         kept.join("; ")
     ));
     lines.push("Nothing was created.".to_string());

@@ -36,6 +36,8 @@ pub mod key {
     pub const SOURCE_DIR_HASH: &str = "ec2-backup:source-dir-sha256";
     /// On a volume: a user named it with -v (prune never deletes it).
     pub const NAMED_VOLUME: &str = "ec2-backup:named-volume";
+    /// On a snapshot (and its volume): written by `--direct` through the EBS direct APIs.
+    pub const DIRECT: &str = "ec2-backup:direct";
     pub const NAME: &str = "Name";
 }
 
@@ -109,6 +111,17 @@ fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = &stat[stat.rfind(')')? + 1..];
     after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The tags every resource a run makes carries: the run, when, and the process (for `gc`).
+pub fn run_tags(run_id: &str) -> crate::cloud::Tags {
+    vec![
+        (key::RUN.into(), run_id.to_string()),
+        (key::CREATED.into(), now()),
+        (key::HOST.into(), hostname()),
+        (key::PID.into(), std::process::id().to_string()),
+        (key::PROCESS.into(), process_identity()),
+    ]
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 pub mod aws;
 pub mod caller;
+pub mod ebs;
 #[cfg(test)]
 pub mod fake;
 pub mod snapshot;

@@ -85,6 +85,23 @@ pub fn check(options: &Options) -> Result<(), Error> {
 pub async fn run(options: Options) -> Result<Restored, Failure> {
     check(&options)?;
     let to_stdout = options.dir.is_none();
+    if let Some((backup, ebs, report)) = source::direct_snapshot(&options.source).await? {
+        let mut signals = crate::signals::Signals::new()
+            .map_err(|e| Error::Usage(format!("cannot handle signals: {e}")))?;
+        let reader = source::Reader::Blocks {
+            ebs: &ebs,
+            snapshot: &backup.id,
+        };
+        let work = restore_archive(&reader, &backup, &options, &report);
+        let bytes = source::guarded(&mut signals, work)
+            .await
+            .map_err(|e| partial(e, options.dir.as_deref()))?;
+        return Ok(Restored {
+            bytes,
+            owners_lost: options.dir.is_some() && unsafe { libc::geteuid() } != 0,
+            leftovers: Vec::new(),
+        });
+    }
     let mut opened = source::open(&options.source, |backup| {
         if to_stdout && backup.method == Method::Rsync {
             return Err(Error::Usage(format!(
@@ -123,10 +140,6 @@ async fn restore(
     backup: &source::Backup,
     options: &Options,
 ) -> Result<u64, Error> {
-    if let Some(dir) = &options.dir {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| MethodError::Failed(format!("cannot make {}: {e}", dir.display())))?;
-    }
     let ssh = lease.session().await?;
     let ssh = &*ssh;
     lease.report.step(&format!(
@@ -135,43 +148,14 @@ async fn restore(
     ));
     match backup.method {
         Method::Dd => {
-            let sink = match &options.dir {
-                Some(dir) => dd::read::Sink::Processes(vec![dd::read::extract_command(
-                    dir,
-                    &members(&options.paths),
-                )]),
-                None => dd::read::Sink::Stdout,
+            let reader = source::Reader::Helper {
+                ssh,
+                device: &attached.device,
             };
-            let bar = crate::commands::backup::progress_bar(backup.bytes.unwrap_or(0));
-            let read = dd::read::read(ssh, &attached.device, backup.bytes, sink, &bar).await?;
-            if let Some(out) = read.outputs.first() {
-                if !out.status.success() {
-                    let stderr = String::from_utf8_lossy(&out.stderr);
-                    crate::report::say(stderr.trim_end());
-                    return Err(MethodError::Failed(format!(
-                        "tar could not extract everything ({})",
-                        out.status
-                    ))
-                    .into());
-                }
-            }
-            match &backup.sha256 {
-                Some(sum) if *sum != read.sha256 => Err(MethodError::Failed(format!(
-                    "the archive read back from {} has SHA-256 {} but its tag says {sum}: the volume changed or is damaged, and what was restored cannot be trusted",
-                    backup.id, read.sha256
-                ))
-                .into()),
-                Some(_) => Ok(read.bytes),
-                None => {
-                    lease.report.warn(&format!(
-                        "{} has no recorded checksum: the archive could not be checked",
-                        backup.id
-                    ));
-                    Ok(read.bytes)
-                }
-            }
+            restore_archive(&reader, backup, options, &lease.report).await
         }
         Method::Rsync => {
+            make_dir(options)?;
             let dir = options.dir.as_deref().unwrap_or(Path::new("."));
             lease.ledger.record(crate::ledger::Resource::Mount(
                 rsync::read::READ_POINT.into(),
@@ -179,6 +163,60 @@ async fn restore(
             rsync::read::mount_read_only(ssh, &attached.device).await?;
             rsync::read::restore(ssh, dir, &options.paths).await?;
             Ok(0)
+        }
+    }
+}
+
+fn make_dir(options: &Options) -> Result<(), Error> {
+    if let Some(dir) = &options.dir {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| MethodError::Failed(format!("cannot make {}: {e}", dir.display())))?;
+    }
+    Ok(())
+}
+
+/// A dd archive from `reader` into a local `tar --extract` (or stdout), its SHA-256 checked
+/// against the tag as it streams.
+async fn restore_archive(
+    reader: &source::Reader<'_>,
+    backup: &source::Backup,
+    options: &Options,
+    report: &crate::report::Reporter,
+) -> Result<u64, Error> {
+    make_dir(options)?;
+    let sink = match &options.dir {
+        Some(dir) => dd::read::Sink::Processes(vec![dd::read::extract_command(
+            dir,
+            &members(&options.paths),
+        )]),
+        None => dd::read::Sink::Stdout,
+    };
+    let bar = crate::commands::backup::progress_bar(backup.bytes.unwrap_or(0));
+    let read = reader.read(backup.bytes, sink, &bar).await?;
+    if let Some(out) = read.outputs.first() {
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            crate::report::say(stderr.trim_end());
+            return Err(MethodError::Failed(format!(
+                "tar could not extract everything ({})",
+                out.status
+            ))
+            .into());
+        }
+    }
+    match &backup.sha256 {
+        Some(sum) if *sum != read.sha256 => Err(MethodError::Failed(format!(
+            "the archive read back from {} has SHA-256 {} but its tag says {sum}: the backup changed or is damaged, and what was restored cannot be trusted",
+            backup.id, read.sha256
+        ))
+        .into()),
+        Some(_) => Ok(read.bytes),
+        None => {
+            report.warn(&format!(
+                "{} has no recorded checksum: the archive could not be checked",
+                backup.id
+            ));
+            Ok(read.bytes)
         }
     }
 }

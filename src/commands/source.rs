@@ -142,6 +142,76 @@ pub async fn open(
     }
 }
 
+/// Where an archive is read from: a helper's device, or (`--direct` snapshots) the
+/// snapshot's blocks through the EBS direct APIs, with no instance.
+pub enum Reader<'a> {
+    Helper {
+        ssh: &'a crate::helper::ssh::Session,
+        device: &'a str,
+    },
+    Blocks {
+        ebs: &'a crate::cloud::ebs::Ebs,
+        snapshot: &'a str,
+    },
+}
+
+impl Reader<'_> {
+    /// Streams the archive (`bytes` long, if known) into `sink`.
+    pub async fn read(
+        &self,
+        bytes: Option<u64>,
+        sink: crate::method::dd::read::Sink,
+        progress: &indicatif::ProgressBar,
+    ) -> Result<crate::method::dd::read::ReadBack, MethodError> {
+        match self {
+            Reader::Helper { ssh, device } => {
+                crate::method::dd::read::read(ssh, device, bytes, sink, progress).await
+            }
+            Reader::Blocks { ebs, snapshot } => {
+                let bytes = bytes.ok_or_else(|| {
+                    MethodError::Failed(format!(
+                        "{snapshot} has no recorded length (ec2-backup:bytes): its blocks cannot be cut"
+                    ))
+                })?;
+                crate::method::direct::read::read(ebs, snapshot, bytes, sink, progress).await
+            }
+        }
+    }
+}
+
+/// A `--direct` snapshot (tagged `ec2-backup:direct`, dd, completed) is read without any
+/// instance: its backup and the EBS client, or None for every other source.
+pub async fn direct_snapshot(
+    source: &str,
+) -> Result<Option<(Backup, crate::cloud::ebs::Ebs, Reporter)>, Error> {
+    if !source.starts_with("snap-") {
+        return Ok(None);
+    }
+    let cloud = aws::connect().await.map_err(input)?;
+    let Some(snap) = cloud.describe_snapshot(source).await.map_err(input)? else {
+        return Ok(None); // the helper path says it does not exist
+    };
+    let direct = snap.tags.get(key::DIRECT).is_some_and(|d| d == "true");
+    if !direct || snap.state != "completed" {
+        return Ok(None);
+    }
+    let size_gib = snap.size_gib.unwrap_or(0);
+    let backup = from_tags(
+        source,
+        &snap.tags,
+        "snapshot",
+        Source::Snapshot { size_gib },
+    )?;
+    if backup.method != Method::Dd {
+        return Ok(None);
+    }
+    let report = Reporter::new(crate::report::verbose_from_env());
+    report.step(&format!(
+        "{source} was written through the EBS direct APIs: reading its blocks, no instance"
+    ));
+    Ok(Some((backup, crate::cloud::ebs::connect().await, report)))
+}
+
 /// Runs `work` unless a signal comes first.
 pub async fn guarded<T>(
     signals: &mut Signals,

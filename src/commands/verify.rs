@@ -31,6 +31,20 @@ pub struct Verified {
 pub async fn run(options: Options) -> Result<Verified, Failure> {
     source::check_id(&options.source)?;
     let dir = crate::walk::check_dir(&options.dir).map_err(Error::from)?;
+    if let Some((backup, ebs, report)) = source::direct_snapshot(&options.source).await? {
+        let mut signals = crate::signals::Signals::new()
+            .map_err(|e| Error::Usage(format!("cannot handle signals: {e}")))?;
+        let reader = source::Reader::Blocks {
+            ebs: &ebs,
+            snapshot: &backup.id,
+        };
+        let work = compare_archive(&reader, &backup, &dir, &report);
+        let differences = source::guarded(&mut signals, work).await?;
+        return Ok(Verified {
+            differences,
+            leftovers: Vec::new(),
+        });
+    }
     let mut opened = source::open(&options.source, |_| Ok(())).await?;
     let work = compare(&opened.lease, &opened.attached, &opened.backup, &dir);
     let result = source::guarded(&mut opened.signals, work).await;
@@ -55,52 +69,11 @@ async fn compare(
     ));
     match backup.method {
         Method::Dd => {
-            let sink = dd::read::Sink::Processes(vec![
-                dd::read::compare_command(dir),
-                dd::read::list_command(),
-            ]);
-            let bar = crate::commands::backup::progress_bar(backup.bytes.unwrap_or(0));
-            let read = dd::read::read(ssh, &attached.device, backup.bytes, sink, &bar).await?;
-            let [compared, listed] = &read.outputs[..] else {
-                return Err(MethodError::Failed("tar did not compare the archive".into()).into());
+            let reader = source::Reader::Helper {
+                ssh,
+                device: &attached.device,
             };
-            // 0: no difference, 1: some; anything else: tar could not compare.
-            for (out, what) in [(compared, "compare"), (listed, "list")] {
-                let fine = matches!(out.status.code(), Some(0))
-                    || (what == "compare" && out.status.code() == Some(1));
-                if !fine {
-                    return Err(MethodError::Failed(format!(
-                        "tar could not {what} the archive: {}",
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    ))
-                    .into());
-                }
-            }
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&compared.stdout),
-                String::from_utf8_lossy(&compared.stderr)
-            );
-            let mut lines: Vec<String> = text.lines().filter_map(tar_difference).collect();
-            let members: BTreeSet<PathBuf> = String::from_utf8_lossy(&listed.stdout)
-                .lines()
-                .map(|l| dd::unescape(l.trim_end_matches('/')))
-                .collect();
-            for extra in only_in_dir(dir, &members) {
-                lines.push(format!("only in the directory: {}", c_escape(&extra)));
-            }
-            match &backup.sha256 {
-                Some(sum) if *sum != read.sha256 => lines.push(format!(
-                    "checksum: the archive's SHA-256 is {} but its tag says {sum}",
-                    read.sha256
-                )),
-                Some(_) => {}
-                None => lease.report.warn(&format!(
-                    "{} has no recorded checksum: only its members were compared",
-                    backup.id
-                )),
-            }
-            Ok(lines)
+            compare_archive(&reader, backup, dir, &lease.report).await
         }
         Method::Rsync => {
             lease.ledger.record(crate::ledger::Resource::Mount(
@@ -117,6 +90,62 @@ async fn compare(
                 .collect())
         }
     }
+}
+
+/// A dd archive from `reader` held against `dir`: tar's `--compare` and `--list` on the same
+/// stream, the entries only in `dir`, and the archive's SHA-256 against its tag.
+async fn compare_archive(
+    reader: &source::Reader<'_>,
+    backup: &source::Backup,
+    dir: &Path,
+    report: &crate::report::Reporter,
+) -> Result<Vec<String>, Error> {
+    let sink = dd::read::Sink::Processes(vec![
+        dd::read::compare_command(dir),
+        dd::read::list_command(),
+    ]);
+    let bar = crate::commands::backup::progress_bar(backup.bytes.unwrap_or(0));
+    let read = reader.read(backup.bytes, sink, &bar).await?;
+    let [compared, listed] = &read.outputs[..] else {
+        return Err(MethodError::Failed("tar did not compare the archive".into()).into());
+    };
+    // 0: no difference, 1: some; anything else: tar could not compare.
+    for (out, what) in [(compared, "compare"), (listed, "list")] {
+        let fine = matches!(out.status.code(), Some(0))
+            || (what == "compare" && out.status.code() == Some(1));
+        if !fine {
+            return Err(MethodError::Failed(format!(
+                "tar could not {what} the archive: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+            .into());
+        }
+    }
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&compared.stdout),
+        String::from_utf8_lossy(&compared.stderr)
+    );
+    let mut lines: Vec<String> = text.lines().filter_map(tar_difference).collect();
+    let members: BTreeSet<PathBuf> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(|l| dd::unescape(l.trim_end_matches('/')))
+        .collect();
+    for extra in only_in_dir(dir, &members) {
+        lines.push(format!("only in the directory: {}", c_escape(&extra)));
+    }
+    match &backup.sha256 {
+        Some(sum) if *sum != read.sha256 => lines.push(format!(
+            "checksum: the archive's SHA-256 is {} but its tag says {sum}",
+            read.sha256
+        )),
+        Some(_) => {}
+        None => report.warn(&format!(
+            "{} has no recorded checksum: only its members were compared",
+            backup.id
+        )),
+    }
+    Ok(lines)
 }
 
 /// One of `tar --compare`'s lines as `WHAT: PATH`; None for lines that are not a difference.

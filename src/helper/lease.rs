@@ -21,7 +21,7 @@ use crate::ledger::{Ledger, Resource};
 use crate::method::MethodError;
 use crate::report::Reporter;
 use crate::signals::Signals;
-use crate::tags::{hostname, key, new_run_id, now, process_identity};
+use crate::tags::{key, new_run_id};
 
 /// The device name requested at attach time; the helper may show it under another name.
 pub const DEVICE: &str = "/dev/sdf";
@@ -286,13 +286,7 @@ impl<C: Snapshots> Lease<C> {
 
     /// The tags of everything this lease makes, and `extra`.
     pub fn tags(&self, extra: &[(&str, String)]) -> Tags {
-        let mut tags: Tags = vec![
-            (key::RUN.into(), self.run_id.clone()),
-            (key::CREATED.into(), now()),
-            (key::HOST.into(), hostname()),
-            (key::PID.into(), std::process::id().to_string()),
-            (key::PROCESS.into(), process_identity()),
-        ];
+        let mut tags: Tags = crate::tags::run_tags(&self.run_id);
         tags.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
         tags
     }

@@ -2,6 +2,7 @@
 //! and `rsync` (a mirror on a filesystem).
 
 pub mod dd;
+pub mod direct;
 pub mod rsync;
 pub mod wire;
 

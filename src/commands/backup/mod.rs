@@ -2,6 +2,7 @@
 //! (made, or the user's), write the directory onto it, hand the volume back tagged as this
 //! run's backup; on failure or signal, unwind everything the lease made.
 
+pub mod direct;
 mod history;
 pub mod plan;
 mod write;
@@ -36,6 +37,8 @@ pub struct Outcome {
     pub volume_deleted: bool,
     /// What the teardown after a successful backup could not remove.
     pub leftovers: Vec<String>,
+    /// `--direct`: the PutSnapshotBlock calls made (for the API cost).
+    pub put_blocks: Option<u64>,
 }
 
 /// What a run produced: a backup, or with `--dry-run` only the plan.
@@ -43,10 +46,14 @@ pub struct Outcome {
 pub enum Done {
     Backup(Box<Outcome>),
     DryRun(Box<Plan>),
+    DirectDryRun(Box<direct::DirectPlan>),
 }
 
 /// Runs a backup as the options say.
 pub async fn run(options: Options) -> Result<Done, Failure> {
+    if options.direct {
+        return direct::run(options).await;
+    }
     let started = std::time::Instant::now();
     let report = Reporter::new(options.helper.verbose);
     let mut signals =
@@ -216,6 +223,7 @@ impl Job {
             snapshot_id,
             volume_deleted: false,
             leftovers: Vec::new(),
+            put_blocks: None,
         })
     }
 }

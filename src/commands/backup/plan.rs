@@ -22,6 +22,8 @@ pub struct Options {
     /// Write a `-v` volume whatever it holds.
     pub overwrite: bool,
     pub history: History,
+    /// Through the EBS direct APIs, with no instance (`--direct`).
+    pub direct: bool,
     /// How long the run waits for its snapshot to complete.
     pub snapshot_limit: std::time::Duration,
     /// The KMS key for the volumes this run creates (None: the region's default).
@@ -53,6 +55,7 @@ impl Options {
             snapshot,
             snapshot_only,
             kms_key_id,
+            direct,
         } = cli;
         let history = match (snapshot, snapshot_only) {
             (_, true) => History::SnapshotOnly,
@@ -72,6 +75,11 @@ impl Options {
         if let Some(v) = &volume {
             helper_plan::check_volume_id(v)?;
         }
+        if direct && method != Method::Dd {
+            return Err(Error::Usage(
+                "--direct writes a dd archive: it does not go with -m rsync".into(),
+            ));
+        }
         let dir = dir.ok_or_else(|| Error::Usage("the directory to back up is missing".into()))?;
         Ok(Options {
             method,
@@ -81,6 +89,7 @@ impl Options {
             dry_run,
             overwrite,
             history,
+            direct,
             snapshot_limit: crate::history::snapshot::limit_from_env().map_err(Error::Usage)?,
             kms_key_id,
             helper: HelperOptions::from_env()?,
@@ -123,7 +132,10 @@ pub fn check_local(options: &Options, report: &Reporter) -> Result<Local, Error>
 /// tokio blocking task: a walk stuck in a hung network mount must not keep a run that was
 /// interrupted from exiting (the runtime waits for its blocking tasks; a plain thread ends
 /// with the process).
-async fn take_inventory(dir: &std::path::Path, report: &Reporter) -> Result<Inventory, Error> {
+pub(super) async fn take_inventory(
+    dir: &std::path::Path,
+    report: &Reporter,
+) -> Result<Inventory, Error> {
     report.step(&format!("sizing {}", dir.display()));
     let owned = dir.to_path_buf();
     let (done, walked) = tokio::sync::oneshot::channel();

@@ -216,7 +216,7 @@ pub fn unescape(quoted: &str) -> std::path::PathBuf {
 
 /// Passes tar's messages on to stderr as they come, and collects the members they say may
 /// be torn.
-async fn watch_tar_messages(
+pub(crate) async fn watch_tar_messages(
     stderr: Option<tokio::process::ChildStderr>,
     root: std::path::PathBuf,
 ) -> Vec<std::path::PathBuf> {

@@ -66,42 +66,14 @@ pub async fn read(
         .stderr(Stdio::piped())
         .spawn()
         .map_err(spawn("ssh"))?;
-    let (to_sink, consumers) = match sink {
-        Sink::Stdout => (Out::Stdout, Vec::new()),
-        Sink::Processes(commands) => {
-            let (mut pipes, mut children) = (Vec::new(), Vec::new());
-            for mut cmd in commands {
-                let (sink_in, to_sink) = std::io::pipe().map_err(spawn("tar"))?;
-                crate::method::widen_pipe(&to_sink);
-                detach_from_terminal_signals(&mut cmd);
-                let child = cmd
-                    .stdin(sink_in)
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .kill_on_drop(true)
-                    .spawn()
-                    .map_err(spawn("tar"))?;
-                pipes.push(to_sink);
-                children.push(child);
-            }
-            (Out::Pipes(pipes), children)
+    let delivered = deliver(from_helper, bytes, sink, progress).await;
+    let (copied, outputs) = match delivered {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = reader.start_kill();
+            return Err(e);
         }
     };
-    let bar = progress.clone();
-    let (done, copied) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("ec2-backup-read".into())
-        .spawn(move || {
-            let _ = done.send(copy(from_helper, to_sink, bytes, &bar));
-        })
-        .map_err(|e| MethodError::Failed(format!("cannot start the stream's thread: {e}")))?;
-    let consumed = futures_join_all(consumers);
-    let (copied, outputs) = tokio::join!(copied, consumed);
-    progress.finish_and_clear();
-    let copied =
-        copied.map_err(|_| MethodError::Failed("the stream from the helper stopped".into()))?;
-    let outputs =
-        outputs.map_err(|e| MethodError::Failed(format!("waiting for tar failed: {e}")))?;
     // A consumer that has seen the end of the archive stops reading: the rest of the device
     // need not come, and the helper's dd is stopped with its ssh.
     let whole = copied.as_ref().is_ok_and(|c| c.complete);
@@ -134,6 +106,54 @@ pub async fn read(
     })
 }
 
+/// Feeds the archive coming on `from` to `sink` (its consumers started here, each run to its
+/// end), hashing and counting; `bytes`: its length, if known. Shared by every way an
+/// archive is read back (a helper's device, snapshot blocks).
+pub(crate) async fn deliver(
+    from: std::io::PipeReader,
+    bytes: Option<u64>,
+    sink: Sink,
+    progress: &indicatif::ProgressBar,
+) -> Result<(Result<Copied, MethodError>, Vec<std::process::Output>), MethodError> {
+    let spawn = |program: &'static str| move |e| MethodError::Spawn { program, source: e };
+    let (to_sink, consumers) = match sink {
+        Sink::Stdout => (Out::Stdout, Vec::new()),
+        Sink::Processes(commands) => {
+            let (mut pipes, mut children) = (Vec::new(), Vec::new());
+            for mut cmd in commands {
+                let (sink_in, to_sink) = std::io::pipe().map_err(spawn("tar"))?;
+                crate::method::widen_pipe(&to_sink);
+                detach_from_terminal_signals(&mut cmd);
+                let child = cmd
+                    .stdin(sink_in)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .map_err(spawn("tar"))?;
+                pipes.push(to_sink);
+                children.push(child);
+            }
+            (Out::Pipes(pipes), children)
+        }
+    };
+    let bar = progress.clone();
+    let (done, copied) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("ec2-backup-read".into())
+        .spawn(move || {
+            let _ = done.send(copy(from, to_sink, bytes, &bar));
+        })
+        .map_err(|e| MethodError::Failed(format!("cannot start the stream's thread: {e}")))?;
+    let consumed = futures_join_all(consumers);
+    let (copied, outputs) = tokio::join!(copied, consumed);
+    progress.finish_and_clear();
+    let copied = copied.map_err(|_| MethodError::Failed("the archive's stream stopped".into()))?;
+    let outputs =
+        outputs.map_err(|e| MethodError::Failed(format!("waiting for tar failed: {e}")))?;
+    Ok((copied, outputs))
+}
+
 /// Waits for every consumer, in order.
 async fn futures_join_all(
     children: Vec<tokio::process::Child>,
@@ -154,12 +174,12 @@ enum Out {
     Pipes(Vec<std::io::PipeWriter>),
 }
 
-struct Copied {
-    bytes: u64,
-    sha256: String,
+pub(crate) struct Copied {
+    pub bytes: u64,
+    pub sha256: String,
     /// The whole stream was read (the helper's end closed, or `limit` reached), rather than
     /// the consumer going away first.
-    complete: bool,
+    pub complete: bool,
 }
 
 /// Copies from the helper to the sink, hashing and counting, until `limit` bytes, the

@@ -1,0 +1,203 @@
+//! `--direct`: the dd archive (the same tar stream, from byte 0) written straight into
+//! 512 KiB snapshot blocks through the EBS direct APIs, with no instance.
+//!
+//! tar runs here; its stream is cut into blocks as it comes, each block hashed and sent by
+//! one of at most [`IN_FLIGHT`] concurrent PutSnapshotBlock calls (memory stays at that many
+//! blocks); every block of the archive is written, zeros too (an unwritten block of an
+//! encrypted snapshot reads back as garbage), and nothing past its end. The LINEAR checksum
+//! for CompleteSnapshot is the SHA-256 of the blocks' SHA-256 digests in index order.
+
+pub mod read;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use base64::Engine;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+use tokio::task::JoinSet;
+
+use crate::cloud::ebs::{Ebs, BLOCK};
+use crate::helper::ssh::detach_from_terminal_signals;
+use crate::method::dd::{tar_command, watch_tar_messages};
+use crate::method::{MethodError, Source, Transfer};
+
+/// Blocks in flight at once: enough to keep AWS's 1,000 PutSnapshotBlock/s per snapshot
+/// (~500 MiB/s) busy across ~60 ms of round trip, and 32 MiB of memory at most.
+pub const IN_FLIGHT: usize = 64;
+
+/// What was uploaded.
+#[derive(Debug)]
+pub struct Uploaded {
+    pub transfer: Transfer,
+    pub blocks: u64,
+    /// Base64 SHA-256 over the blocks' digests, for CompleteSnapshot.
+    pub linear: String,
+}
+
+/// Streams the archive of `source` into the pending snapshot `snapshot` (started at `since`),
+/// which must have room for it (`capacity_blocks`).
+pub async fn upload(
+    ebs: &Ebs,
+    snapshot: &str,
+    since: Instant,
+    source: &Source,
+    capacity_blocks: u64,
+    progress: &indicatif::ProgressBar,
+) -> Result<Uploaded, MethodError> {
+    let spawn = |e| MethodError::Spawn {
+        program: "tar",
+        source: e,
+    };
+    let mut tar = {
+        let mut cmd: Command = tar_command(source);
+        detach_from_terminal_signals(&mut cmd);
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(spawn)?
+    };
+    let messages = tokio::spawn(watch_tar_messages(tar.stderr.take(), source.dir.clone()));
+    let mut stdout = tar
+        .stdout
+        .take()
+        .ok_or_else(|| MethodError::Failed("tar's output could not be read".into()))?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    let mut puts: JoinSet<Result<(), MethodError>> = JoinSet::new();
+    let (mut whole, mut digests) = (Sha256::new(), Vec::<[u8; 32]>::new());
+    let mut bytes = 0u64;
+    let failed = loop {
+        // A failed put ends the upload at once.
+        let mut early = None;
+        while let Some(done) = puts.try_join_next() {
+            if let Err(e) = flatten(done) {
+                early = Some(e);
+                break;
+            }
+        }
+        if let Some(e) = early {
+            break Some(e);
+        }
+        let mut block = vec![0u8; BLOCK];
+        let n = match fill(&mut stdout, &mut block).await {
+            Ok(n) => n,
+            Err(e) => break Some(MethodError::Failed(format!("reading from tar failed: {e}"))),
+        };
+        if n == 0 {
+            break None;
+        }
+        whole.update(&block[..n]);
+        bytes += n as u64;
+        let index = digests.len() as u64;
+        if index >= capacity_blocks {
+            break Some(MethodError::Failed(format!(
+                "the archive outgrew the snapshot's {} GiB while it was read",
+                capacity_blocks / 2048
+            )));
+        }
+        // tar pads its stream to whole 1 MiB records, so every block is whole; a short one
+        // (never expected) is padded with zeros, as the volume would read past the end.
+        digests.push(Sha256::digest(&block).into());
+        let permit = match Arc::clone(&slots).acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => break Some(MethodError::Failed("the upload stopped".into())),
+        };
+        let (ebs, id, bar) = (ebs.clone(), snapshot.to_string(), progress.clone());
+        puts.spawn(async move {
+            let data = bytes::Bytes::from(block);
+            let sent = ebs.put(&id, index as i32, data, since).await;
+            drop(permit);
+            bar.inc(n as u64);
+            sent.map_err(|e| MethodError::Failed(e.to_string()))
+        });
+    };
+    let failed = match failed {
+        Some(e) => Some(e),
+        None => {
+            let mut first = None;
+            while let Some(done) = puts.join_next().await {
+                if let Err(e) = flatten(done) {
+                    first.get_or_insert(e);
+                    puts.abort_all();
+                }
+            }
+            first
+        }
+    };
+    progress.finish_and_clear();
+    if let Some(e) = failed {
+        puts.abort_all();
+        let _ = tar.start_kill();
+        return Err(e);
+    }
+    let status = tar
+        .wait()
+        .await
+        .map_err(|e| MethodError::Failed(format!("waiting for tar failed: {e}")))?;
+    let torn = messages.await.unwrap_or_default();
+    let unreadable = match status.code() {
+        Some(0) | Some(1) => false,
+        Some(2) => true,
+        _ => return Err(MethodError::Failed(format!("tar failed ({status})"))),
+    };
+    let linear = linear_checksum(&digests);
+    Ok(Uploaded {
+        blocks: digests.len() as u64,
+        linear,
+        transfer: Transfer {
+            bytes,
+            sha256: Some(hex::encode(whole.finalize())),
+            incomplete: unreadable || !torn.is_empty(),
+            changed: torn,
+            wire: None,
+            wire_bytes: bytes,
+        },
+    })
+}
+
+/// The LINEAR aggregate: SHA-256 over the blocks' digests in index order, base64.
+pub fn linear_checksum(digests: &[[u8; 32]]) -> String {
+    let mut h = Sha256::new();
+    for d in digests {
+        h.update(d);
+    }
+    base64::engine::general_purpose::STANDARD.encode(h.finalize())
+}
+
+fn flatten(
+    done: Result<Result<(), MethodError>, tokio::task::JoinError>,
+) -> Result<(), MethodError> {
+    done.map_err(|e| MethodError::Failed(format!("an upload task failed: {e}")))?
+}
+
+/// Reads until `buf` is full or the stream ends; returns how much was read.
+async fn fill(from: &mut tokio::process::ChildStdout, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match from.read(&mut buf[n..]).await? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linear_is_the_hash_of_the_digests_in_order() {
+        let a: [u8; 32] = Sha256::digest([1u8]).into();
+        let b: [u8; 32] = Sha256::digest([2u8]).into();
+        let mut h = Sha256::new();
+        h.update(a);
+        h.update(b);
+        let expected = base64::engine::general_purpose::STANDARD.encode(h.finalize());
+        assert_eq!(linear_checksum(&[a, b]), expected);
+        assert_ne!(linear_checksum(&[b, a]), expected);
+    }
+}
