@@ -1,0 +1,139 @@
+//! `--direct`: backups and restores through the EBS direct APIs, with no instance, key pair
+//! or security group; checked on the volume's and the snapshot's own data files.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use common::tree;
+use common::*;
+use serde_json::Value;
+
+/// What a run must not touch: instances, key pairs, security groups (counts).
+fn helpers_and_keys() -> (usize, usize, usize) {
+    let st = status();
+    let n = |k: &str| st[k].as_array().map_or(0, |a| a.len());
+    (n("instances"), n("key_pairs"), n("security_groups"))
+}
+
+fn extract(file: &Path, into: &Path) {
+    fs::create_dir_all(into).unwrap();
+    let st = Command::new("tar")
+        .args(["--extract", "--numeric-owner", "--acls", "--xattrs"])
+        .args(["--xattrs-include=*", "--same-permissions", "--file"])
+        .arg(file)
+        .arg("--directory")
+        .arg(into)
+        .status()
+        .unwrap();
+    assert!(st.success(), "tar -x of {} failed", file.display());
+}
+
+#[test]
+fn the_hostile_tree_lands_as_the_same_tar_archive_with_no_instance() {
+    let _ = fs::remove_file(tree::TRAP_FILE);
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir(&src).unwrap();
+    tree::hostile(&src);
+    let before = helpers_and_keys();
+    let snapshots = status()["snapshots"].as_array().unwrap().len();
+    let r = backup(&[OsStr::new("--direct"), OsStr::new("--json")], &src);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    let vol = out["volume_id"].as_str().unwrap();
+    assert_eq!(out["direct"], true);
+    assert!(
+        out["snapshot_id"].is_null(),
+        "no snapshot kept without --snapshot"
+    );
+    assert_eq!(
+        helpers_and_keys(),
+        before,
+        "no instance, key pair or group made"
+    );
+    let file = volume_file(vol);
+    let into = s.path().join("restored");
+    extract(&file, &into);
+    let diffs = tree::differences(&src, &into, &[]);
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    // The archive's bytes are what the tags say, from byte 0.
+    let v = volume(vol).unwrap();
+    let tags = v["tags"].as_object().unwrap();
+    let bytes: u64 = tags["ec2-backup:bytes"].as_str().unwrap().parse().unwrap();
+    let data = fs::read(&file).unwrap();
+    use sha2::Digest;
+    let sum = hex::encode(sha2::Sha256::digest(&data[..bytes as usize]));
+    assert_eq!(tags["ec2-backup:sha256"], sum.as_str());
+    assert_eq!(tags["ec2-backup:direct"], "true");
+    assert_eq!(tags["ec2-backup:completed"], "true");
+    // The snapshot it came from is gone (deleted, or going once sealed).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while status()["snapshots"].as_array().unwrap().len() > snapshots {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upload's snapshot stayed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    assert!(
+        !Path::new(tree::TRAP_FILE).exists(),
+        "a name reached a shell"
+    );
+}
+
+#[test]
+fn snapshot_only_then_restore_and_verify_without_any_instance() {
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir(&src).unwrap();
+    tree::hostile(&src);
+    let before = helpers_and_keys();
+    let volumes = volume_ids();
+    let r = backup(
+        &[OsStr::new("--direct"), OsStr::new("--snapshot-only")],
+        &src,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let snap = r.stdout.trim().to_string();
+    assert!(snap.starts_with("snap-"), "{:?}", r.stdout);
+    assert_eq!(volume_ids(), volumes, "no volume made");
+    let info = snapshot(&snap).unwrap();
+    assert_eq!(info["state"], "completed");
+    assert_eq!(info["tags"]["ec2-backup:kept"], "true");
+    let from_file = s.path().join("in-snapshot");
+    extract(&snapshot_file(&snap), &from_file);
+    assert!(tree::differences(&src, &from_file, &[]).is_empty());
+
+    let restored = s.path().join("restored");
+    let r = run(ec2_backup().arg("restore").arg(&snap).arg(&restored));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let diffs = tree::differences(&src, &restored, &[]);
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    let r = run(ec2_backup().arg("verify").arg(&snap).arg(&src));
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    fs::write(src.join("plain.txt"), b"plain TEXT\n").unwrap();
+    let r = run(ec2_backup().arg("verify").arg(&snap).arg(&src));
+    assert_eq!(r.code, 5, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("content: ./plain.txt"), "{}", r.stdout);
+    assert_eq!(helpers_and_keys(), before, "read back with no instance");
+    assert_eq!(volume_ids(), volumes, "and no temporary volume");
+}
+
+#[test]
+fn direct_with_a_volume_or_rsync_is_refused_before_anything_is_made() {
+    let s = scratch();
+    let before = (helpers_and_keys(), volume_ids());
+    let r = run(ec2_backup()
+        .args(["--direct", "-v", "vol-0123456789abcdef0"])
+        .arg(s.path()));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    r.refused();
+    let r = run(ec2_backup().args(["--direct", "-m", "rsync"]).arg(s.path()));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.refused().contains("rsync"));
+    assert_eq!((helpers_and_keys(), volume_ids()), before);
+}
