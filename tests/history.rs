@@ -272,9 +272,12 @@ fn exists(id: &str) -> bool {
 #[test]
 fn prune_keeps_what_its_policy_says_and_only_touches_its_own() {
     let vol = make_volume("us-east-1a", 1);
-    fn a(t: &str) -> (&str, &str, &str, bool) {
-        ("prune-host-a", "/data", t, true)
-    }
+    // Hosts of this run only: the simulator keeps earlier runs' snapshots.
+    let (ha, hb) = (
+        format!("prune-{}-a", std::process::id()),
+        format!("prune-{}-b", std::process::id()),
+    );
+    let a = |t: &'static str| (ha.as_str(), "/data", t, true);
     let ids = made_up_snapshots(
         &vol,
         &[
@@ -283,10 +286,10 @@ fn prune_keeps_what_its_policy_says_and_only_touches_its_own() {
             a("2026-11-28T01:00:00Z"),
             a("2026-11-29T01:00:00Z"),
             a("2026-11-29T23:00:00Z"),
-            ("prune-host-b", "/data", "2026-11-20T05:00:00Z", true),
-            ("prune-host-b", "/data", "2026-11-21T05:00:00Z", true),
+            (hb.as_str(), "/data", "2026-11-20T05:00:00Z", true),
+            (hb.as_str(), "/data", "2026-11-21T05:00:00Z", true),
             // Not kept by its run (a failed run's): gc's, not prune's.
-            ("prune-host-a", "/data", "2026-11-01T01:00:00Z", false),
+            (ha.as_str(), "/data", "2026-11-01T01:00:00Z", false),
         ],
     );
     let foreign = boto(&format!(
@@ -347,16 +350,26 @@ fn a_failed_snapshot_leaves_the_backup_on_its_volume_with_exit_6() {
     drop(faults);
     assert_eq!(r.code, 6, "{}", r.stderr);
     let vol = r.stdout.trim().to_string();
-    assert!(vol.starts_with("vol-"), "the volume is named on stdout: {:?}", r.stdout);
+    assert!(
+        vol.starts_with("vol-"),
+        "the volume is named on stdout: {:?}",
+        r.stdout
+    );
     let last = r.stderr.lines().last().unwrap();
-    assert!(last.contains(&vol) && last.contains("without a snapshot"), "{last}");
+    assert!(
+        last.contains(&vol) && last.contains("without a snapshot"),
+        "{last}"
+    );
     let v = volume(&vol).expect("the volume stands");
     assert_eq!(tags(&v)["ec2-backup:completed"], "true");
     let into = s.path().join("x");
     fs::create_dir(&into).unwrap();
     extract_dd(&vol, &into);
     assert_eq!(fs::read(into.join("f")).unwrap(), b"still backed up");
-    assert_eq!(status()["snapshots"].as_array().unwrap().len(), snapshots_before);
+    assert_eq!(
+        status()["snapshots"].as_array().unwrap().len(),
+        snapshots_before
+    );
     assert_no_live_instances();
 }
 
@@ -369,7 +382,9 @@ fn sigint_while_waiting_for_the_snapshot_deletes_it_and_keeps_the_backup() {
     let faults = Faults::new();
     faults.set(&["snapshot-delay", "6"]);
     let mut cmd = ec2_backup();
-    cmd.env("EC2_BACKUP_VERBOSE", "1").arg("--snapshot").arg(&src);
+    cmd.env("EC2_BACKUP_VERBOSE", "1")
+        .arg("--snapshot")
+        .arg(&src);
     let live = common::spawn::Live::start(&mut cmd);
     let line = live.wait_for("snapshotting", std::time::Duration::from_secs(120));
     let snap = id_after(&line, "snap-").expect("the snapshot's ID");
@@ -381,12 +396,39 @@ fn sigint_while_waiting_for_the_snapshot_deletes_it_and_keeps_the_backup() {
     let vol = ended.stdout.trim().to_string();
     assert!(vol.starts_with("vol-"), "{}", ended.show());
     assert_eq!(tags(&volume(&vol).unwrap())["ec2-backup:completed"], "true");
-    assert!(ended.last_line().contains("without a snapshot"), "{}", ended.show());
+    assert!(
+        ended.last_line().contains("without a snapshot"),
+        "{}",
+        ended.show()
+    );
     // EC2 takes a pending snapshot's deletion once it completes.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while exists(&snap) {
-        assert!(std::time::Instant::now() < deadline, "{snap} was not deleted");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{snap} was not deleted"
+        );
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
     assert_no_live_instances();
+}
+
+#[test]
+fn kms_key_id_encrypts_the_volume_and_its_snapshot_with_that_key() {
+    let key = boto(
+        "kms = boto3.client('kms')\nprint(kms.create_key(Description='ec2-backup test')['KeyMetadata']['Arn'])",
+    );
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"encrypted with a key of mine").unwrap();
+    let out = json_backup(&["--snapshot", "--json", "--kms-key-id", &key], &src);
+    let vol = out["volume_id"].as_str().unwrap();
+    let snap = out["snapshot_id"].as_str().unwrap();
+    let described = boto(&format!(
+        "v = ec2.describe_volumes(VolumeIds=['{vol}'])['Volumes'][0]\n\
+         n = ec2.describe_snapshots(SnapshotIds=['{snap}'])['Snapshots'][0]\n\
+         print(v['Encrypted'], v.get('KmsKeyId'), n['Encrypted'], n.get('KmsKeyId'))"
+    ));
+    assert_eq!(described, format!("True {key} True {key}"));
 }

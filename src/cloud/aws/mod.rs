@@ -301,6 +301,7 @@ impl Cloud for AwsCloud {
                     .ebs(
                         EbsBlockDevice::builder()
                             .encrypted(true)
+                            .set_kms_key_id(self.kms_key_id.clone())
                             .set_volume_size(root.size_gib)
                             .delete_on_termination(true)
                             .volume_type(VolumeType::Gp3)
