@@ -23,6 +23,9 @@ pub struct Backup {
     /// dd: the archive's recorded length and SHA-256.
     pub bytes: Option<u64>,
     pub sha256: Option<String>,
+    /// What it recorded it left out: its exclude set's SHA-256, and --one-file-system.
+    pub excludes_sha256: Option<String>,
+    pub one_file_system: bool,
 }
 
 /// Checks `source` before any cloud call.
@@ -148,7 +151,10 @@ fn from_tags(volume: Volume) -> Result<Backup, Error> {
             ))
         })?;
     let tag = |k: &str| volume.tags.get(k).filter(|v| !v.is_empty()).cloned();
+    let (excludes_sha256, one_file_system) = crate::tags::recorded_selection(&volume.tags);
     Ok(Backup {
+        excludes_sha256,
+        one_file_system,
         method,
         bytes: tag(key::BYTES).and_then(|b| b.parse().ok()),
         sha256: tag(key::SHA256),
