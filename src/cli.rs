@@ -17,6 +17,13 @@ const AFTER: &str = "Methods:
   rsync   the directory is mirrored onto an ext4 filesystem on the volume (made if the
           volume has none); reusing a volume with -v is incremental and mirrors deletions
 
+Excludes (--exclude PATTERN, --exclude-from FILE; verify takes the same):
+  gitignore syntax, matched against paths relative to dir: a pattern without / matches a
+  name at any depth (*.log), a leading or inner / anchors it at dir (/tmp, a/b), a
+  trailing / matches directories only (cache/), * and ? do not match /, ** does; \\
+  escapes. What a pattern matches is left out with all below it; ! is not supported.
+  An rsync mirror loses what is excluded on its next run (lost+found stays).
+
 Environment:
   EC2_BACKUP_FLAGS_AWS     extra helper launch flags in `aws ec2 run-instances` spelling:
                            --instance-type --key-name --subnet-id --security-group-ids
