@@ -1,8 +1,9 @@
 //! Mount points below the directory whose contents a backup skips: pseudo-filesystems
 //! always (proc, sysfs, tmpfs, ...: `ec2-backup /` works), and with `--one-file-system`
 //! every filesystem other than the directory's own (by device number, as tar and rsync
-//! judge it: a bind mount of the same filesystem is not another one). Their mount points
-//! are kept, as empty directories.
+//! judge it: a bind mount of the same filesystem is not another one; the number is the one
+//! mountinfo gives, so that no mount point is stat'ed: a hung network mount cannot hang the
+//! run). Their mount points are kept, as empty directories.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -46,28 +47,37 @@ pub fn skipped_below(root: &Path, one_file_system: bool) -> HashSet<PathBuf> {
     let root_dev = std::fs::metadata(root).map(|m| m.dev()).ok();
     parse_mountinfo(&text)
         .into_iter()
-        .filter(|(point, _)| point != root && point.starts_with(root))
-        .filter(|(point, fstype)| {
-            PSEUDO_FS.contains(&fstype.as_str())
-                || (one_file_system && std::fs::metadata(point).map(|m| m.dev()).ok() != root_dev)
+        .filter(|m| m.point != root && m.point.starts_with(root))
+        .filter(|m| {
+            PSEUDO_FS.contains(&m.fstype.as_str()) || (one_file_system && Some(m.dev) != root_dev)
         })
-        .map(|(point, _)| point)
+        .map(|m| m.point)
         .collect()
 }
 
-/// (mount point, filesystem type) pairs of a mountinfo text, with its octal escapes undone
-/// (read as bytes: a mount point need not be UTF-8).
-fn parse_mountinfo(text: &[u8]) -> Vec<(PathBuf, String)> {
+/// One line of mountinfo: where, what, and the device number of its files.
+#[derive(Debug, PartialEq, Eq)]
+struct Mount {
+    point: PathBuf,
+    fstype: String,
+    dev: u64,
+}
+
+/// The mounts of a mountinfo text, with its octal escapes undone (read as bytes: a mount
+/// point need not be UTF-8).
+fn parse_mountinfo(text: &[u8]) -> Vec<Mount> {
     text.split(|b| *b == b'\n')
         .filter_map(|line| {
             let fields: Vec<&[u8]> = line.split(|b| *b == b' ').collect();
             let sep = fields.iter().position(|f| *f == b"-")?;
+            let (major, minor) = std::str::from_utf8(fields.get(2)?).ok()?.split_once(':')?;
             let point = fields.get(4)?;
             let fstype = fields.get(sep + 1)?;
-            Some((
-                PathBuf::from(unescape_octal(point)),
-                String::from_utf8_lossy(fstype).into_owned(),
-            ))
+            Some(Mount {
+                point: PathBuf::from(unescape_octal(point)),
+                fstype: String::from_utf8_lossy(fstype).into_owned(),
+                dev: libc::makedev(major.parse().ok()?, minor.parse().ok()?),
+            })
         })
         .collect()
 }
@@ -102,16 +112,32 @@ mod tests {
                     30 1 8:1 / /mnt/with\\040space rw - ext4 /dev/sda1 rw\n\
                     31 1 0:5 / /run shared:1 master:2 - tmpfs tmpfs rw\n\
                     32 1 8:2 / /mnt/\xff rw - ext4 /dev/sda2 rw\n";
-        let got = parse_mountinfo(text);
+        let got: Vec<(PathBuf, String, u64)> = parse_mountinfo(text)
+            .into_iter()
+            .map(|m| (m.point, m.fstype, m.dev))
+            .collect();
         assert_eq!(
             got,
             vec![
-                (PathBuf::from("/proc"), "proc".to_string()),
-                (PathBuf::from("/mnt/with space"), "ext4".to_string()),
-                (PathBuf::from("/run"), "tmpfs".to_string()),
+                (
+                    PathBuf::from("/proc"),
+                    "proc".to_string(),
+                    libc::makedev(0, 21)
+                ),
+                (
+                    PathBuf::from("/mnt/with space"),
+                    "ext4".to_string(),
+                    libc::makedev(8, 1)
+                ),
+                (
+                    PathBuf::from("/run"),
+                    "tmpfs".to_string(),
+                    libc::makedev(0, 5)
+                ),
                 (
                     PathBuf::from(OsString::from_vec(b"/mnt/\xff".to_vec())),
-                    "ext4".to_string()
+                    "ext4".to_string(),
+                    libc::makedev(8, 2)
                 ),
             ]
         );
@@ -122,5 +148,17 @@ mod tests {
         // /proc is a pseudo-filesystem on every Linux machine that runs this.
         assert!(skipped_below(Path::new("/"), false).contains(Path::new("/proc")));
         assert!(!skipped_below(Path::new("/proc"), false).contains(Path::new("/proc")));
+    }
+
+    #[test]
+    fn mountinfo_device_numbers_are_those_stat_reports() {
+        // The root filesystem's own mount: its files carry the device number mountinfo gives.
+        let text = std::fs::read("/proc/self/mountinfo").unwrap();
+        let root = parse_mountinfo(&text)
+            .into_iter()
+            .rev()
+            .find(|m| m.point == Path::new("/"))
+            .unwrap();
+        assert_eq!(root.dev, std::fs::metadata("/").unwrap().dev());
     }
 }
