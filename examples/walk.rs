@@ -22,13 +22,15 @@ fn main() -> ExitCode {
         }
     };
     let start = Instant::now();
-    let inv = match ec2_backup::walk::inventory(&dir) {
-        Ok(inv) => inv,
-        Err(e) => {
-            eprintln!("walk: {e}");
-            return ExitCode::from(1);
-        }
-    };
+    let inv =
+        match ec2_backup::walk::inventory(&ec2_backup::walk::Rules::new(&dir, &Default::default()))
+        {
+            Ok(inv) => inv,
+            Err(e) => {
+                eprintln!("walk: {e}");
+                return ExitCode::from(1);
+            }
+        };
     let took = start.elapsed().as_secs_f64();
     println!(
         "walk {took:.4} {} {} {}",

@@ -1,5 +1,6 @@
 //! The command line, as `ec2-backup [-h] [-m method] [-v volume-id] dir`.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -15,6 +16,13 @@ const AFTER: &str = "Methods:
           (read it back with: dd if=DEVICE | tar -t)
   rsync   the directory is mirrored onto an ext4 filesystem on the volume (made if the
           volume has none); reusing a volume with -v is incremental and mirrors deletions
+
+Excludes (--exclude PATTERN, --exclude-from FILE; verify takes the same):
+  gitignore syntax, matched against paths relative to dir: a pattern without / matches a
+  name at any depth (*.log), a leading or inner / anchors it at dir (/tmp, a/b), a
+  trailing / matches directories only (cache/), * and ? do not match /, ** does; \\
+  escapes. What a pattern matches is left out with all below it; ! is not supported.
+  An rsync mirror loses what is excluded on its next run (lost+found stays).
 
 Environment:
   EC2_BACKUP_FLAGS_AWS     extra helper launch flags in `aws ec2 run-instances` spelling:
@@ -51,7 +59,7 @@ Exit status: 0 done; 1 failed (cleaned up); 2 bad input (nothing created);
     name = "ec2-backup",
     version,
     about = "Back up a directory into an Amazon EBS volume",
-    override_usage = "ec2-backup [-h] [-m method] [-v volume-id] [--overwrite] [--json] [--dry-run] dir\n       ec2-backup restore SOURCE DIR|- [--path SUB]...\n       ec2-backup verify SOURCE DIR\n       ec2-backup list [--json]\n       ec2-backup gc [--yes] [--older-than HOURS]\n       ec2-backup prune --keep-last N [--keep-daily N ...] [--yes]\n       ec2-backup --version",
+    override_usage = "ec2-backup [-h] [-m method] [-v volume-id] [--overwrite] [--json] [--dry-run]\n                  [--snapshot | --snapshot-only] [--direct] [--kms-key-id KEY]\n                  [--exclude PATTERN]... [--exclude-from FILE]... [--one-file-system] dir\n       ec2-backup restore SOURCE DIR|- [--path SUB]...\n       ec2-backup verify SOURCE DIR [--exclude PATTERN]... [--exclude-from FILE]... [--one-file-system]\n       ec2-backup list [--json]\n       ec2-backup gc [--yes] [--older-than HOURS]\n       ec2-backup prune --keep-last N [--keep-daily N ...] [--yes]\n       ec2-backup --version",
     long_about = ABOUT,
     after_help = AFTER,
     args_conflicts_with_subcommands = true,
@@ -98,14 +106,17 @@ pub struct RestoreArgs {
     pub paths: Vec<PathBuf>,
 }
 
-/// `ec2-backup verify SOURCE DIR`
+/// `ec2-backup verify SOURCE DIR [--exclude PATTERN]...`
 #[derive(Debug, Args)]
 #[command(
     about = "Prove that a backup holds exactly a directory",
     long_about = "Prove, trusting no tag, timestamp or size, that the backup SOURCE holds \
 exactly DIR: contents (dd: byte for byte; rsync: whole-file checksums), type, mode, owners, \
 mtimes, link targets, hard links, entries only on one side. One line per difference on stdout \
-('WHAT: ./PATH', names C-escaped). Exit 0: identical; 5: they differ; 1: could not check."
+('WHAT: ./PATH', names C-escaped). Give the --exclude, --exclude-from and --one-file-system \
+options the backup was made with: what they leave out of DIR is not compared, and a set that \
+differs from the one the backup recorded is itself a difference. Exit 0: identical; 5: they \
+differ; 1: could not check."
 )]
 pub struct VerifyArgs {
     /// The backup: a volume or snapshot ID
@@ -115,6 +126,28 @@ pub struct VerifyArgs {
     /// The directory to compare it with
     #[arg(value_name = "DIR")]
     pub dir: PathBuf,
+
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+}
+
+/// What of the directory a backup holds; backup and verify take the same options.
+#[derive(Debug, Clone, Default, Args)]
+pub struct SelectionArgs {
+    /// Leave out what PATTERN matches: gitignore syntax, relative to dir (`*.log`, `/tmp`,
+    /// `cache/`, `**/build`); repeatable
+    #[arg(long = "exclude", value_name = "PATTERN")]
+    pub excludes: Vec<OsString>,
+
+    /// Leave out what the patterns in FILE match (one a line, as in a .gitignore; blank
+    /// lines and lines starting with # are skipped); repeatable
+    #[arg(long = "exclude-from", value_name = "FILE")]
+    pub exclude_from: Vec<PathBuf>,
+
+    /// Do not descend into other filesystems mounted below dir (their mount points are kept,
+    /// empty)
+    #[arg(long = "one-file-system")]
+    pub one_file_system: bool,
 }
 
 /// `ec2-backup list [--json]`
@@ -173,6 +206,8 @@ pub struct BackupArgs {
     /// ARN or alias; default: the region's default EBS key)
     #[arg(long, value_name = "key-id")]
     pub kms_key_id: Option<String>,
+    #[command(flatten)]
+    pub selection: SelectionArgs,
 
     /// The directory to back up
     #[arg(value_name = "dir", required = true)]
@@ -259,6 +294,28 @@ mod tests {
         assert_eq!(c.backup.method, "dd");
         assert!(Cli::try_parse_from(["ec2-backup"]).is_err());
         assert!(Cli::try_parse_from(["ec2-backup", "-x", "."]).is_err());
+    }
+
+    #[test]
+    fn excludes_repeat_and_take_values_that_look_like_options() {
+        let c = Cli::try_parse_from([
+            "ec2-backup",
+            "--exclude",
+            "*.o",
+            "--exclude=-dash",
+            "--exclude-from",
+            "/etc/ex",
+            "--one-file-system",
+            ".",
+        ])
+        .unwrap();
+        let s = &c.backup.selection;
+        assert_eq!(s.excludes, [OsString::from("*.o"), OsString::from("-dash")]);
+        assert_eq!(s.exclude_from, [PathBuf::from("/etc/ex")]);
+        assert!(s.one_file_system);
+        let c =
+            Cli::try_parse_from(["ec2-backup", "verify", "vol-1", ".", "--exclude", "x"]).unwrap();
+        assert!(matches!(c.command, Some(Command::Verify(v)) if v.selection.excludes.len() == 1));
     }
 
     #[test]

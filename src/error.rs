@@ -7,6 +7,7 @@ use crate::flags::FlagsError;
 use crate::helper::keys::KeyError;
 use crate::helper::ssh::SshError;
 use crate::method::MethodError;
+use crate::select::SelectError;
 use crate::walk::PlanError;
 
 /// Exit statuses (documented in the README).
@@ -36,6 +37,8 @@ pub enum Error {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Flags(#[from] FlagsError),
+    #[error(transparent)]
+    Select(#[from] SelectError),
     #[error(transparent)]
     Key(#[from] KeyError),
     /// Bad input found by looking in the cloud (volume, zone, instance type).
@@ -67,7 +70,11 @@ pub enum Error {
 impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Usage(_) | Error::Plan(_) | Error::Flags(_) | Error::Invalid(_) => exit::INPUT,
+            Error::Usage(_)
+            | Error::Plan(_)
+            | Error::Flags(_)
+            | Error::Select(_)
+            | Error::Invalid(_) => exit::INPUT,
             Error::Key(KeyError::Save { .. } | KeyError::HostKey(_)) => exit::FAILED,
             Error::Key(_) => exit::INPUT,
             Error::Interrupted { number, .. } => 128 + number,

@@ -4,7 +4,9 @@
 //! → [`helper`] (deciding and leasing a helper instance with a volume attached: launch,
 //! ssh, device, watchdog) → [`method`] (the two on-volume formats, `dd` and `rsync`) → the
 //! [`cloud`] (EC2 behind a narrow trait) and the [`ledger`] (one undo list, unwound on
-//! failure or signal). [`walk`] sizes a directory; [`tags`] is the tag schema. The binary
+//! failure or signal). [`select`] decides what of a directory a backup holds (excludes, one filesystem) and
+//! [`walk`] walks it by those rules (sizing it, listing it for tar); [`tags`] is the tag
+//! schema. The binary
 //! only parses, calls one command and maps its error to an exit status.
 
 pub mod cli;
@@ -20,6 +22,7 @@ pub mod method;
 pub mod output;
 pub mod quote;
 pub mod report;
+pub mod select;
 pub mod signals;
 pub mod tags;
 pub mod walk;

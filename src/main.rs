@@ -171,9 +171,9 @@ async fn run_restore(args: RestoreArgs) -> ExitCode {
 }
 
 async fn run_verify(args: VerifyArgs) -> ExitCode {
-    let options = verify::Options {
-        source: args.source,
-        dir: args.dir,
+    let options = match verify::Options::new(args) {
+        Ok(o) => o,
+        Err(e) => return fail(&e.to_string(), e.exit_code()),
     };
     match verify::run(options).await {
         Ok(done) => {

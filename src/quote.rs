@@ -64,15 +64,19 @@ pub fn c_escape(path: &std::path::Path) -> String {
     out
 }
 
-/// Escapes the wildcard characters of a path so that tar's and rsync's exclude patterns
-/// match it literally.
-pub fn glob_escape(path: &str) -> String {
-    let mut out = String::with_capacity(path.len());
-    for c in path.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
+/// A path as an rsync filter pattern that matches exactly it. rsync reads a backslash as an
+/// escape only in a pattern that holds a wildcard (`*`, `?`, `[`), so the path is escaped
+/// when it holds one, or when `wild` says the caller adds one (a trailing `/*`).
+pub fn rsync_literal(path: &[u8], wild: bool) -> Vec<u8> {
+    if !wild && !path.iter().any(|b| matches!(b, b'*' | b'?' | b'[')) {
+        return path.to_vec();
+    }
+    let mut out = Vec::with_capacity(path.len() + 8);
+    for &b in path {
+        if matches!(b, b'*' | b'?' | b'[' | b']' | b'\\') {
+            out.push(b'\\');
         }
-        out.push(c);
+        out.push(b);
     }
     out
 }
@@ -135,8 +139,10 @@ mod tests {
     }
 
     #[test]
-    fn glob_escaping() {
-        assert_eq!(glob_escape("proc"), "proc");
-        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    fn rsync_literals_escape_only_where_rsync_reads_escapes() {
+        assert_eq!(rsync_literal(b"back\\slash", false), b"back\\slash");
+        assert_eq!(rsync_literal(b"a*b\\", false), b"a\\*b\\\\");
+        assert_eq!(rsync_literal(b"back\\slash", true), b"back\\\\slash");
+        assert_eq!(rsync_literal(b"q[1]", false), b"q\\[1\\]");
     }
 }

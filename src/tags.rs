@@ -25,6 +25,14 @@ pub mod key {
     /// dd: the archive's SHA-256 (hex) and length.
     pub const SHA256: &str = "ec2-backup:sha256";
     pub const BYTES: &str = "ec2-backup:bytes";
+    /// What the backup left out: the number of exclude patterns ("0": none), the SHA-256 of
+    /// their set (`select::Selection::sha256`; empty without patterns), the patterns as a
+    /// JSON array of strings when that fits in a tag (else empty), and whether other
+    /// filesystems were skipped ("true"/"false"). A reused volume gets all four every time.
+    pub const EXCLUDES: &str = "ec2-backup:excludes";
+    pub const EXCLUDES_SHA256: &str = "ec2-backup:excludes-sha256";
+    pub const EXCLUDE_PATTERNS: &str = "ec2-backup:exclude-patterns";
+    pub const ONE_FILE_SYSTEM: &str = "ec2-backup:one-file-system";
     /// On a key pair: a token of the import that made it (see `run::launch`).
     pub const KEY_TOKEN: &str = "ec2-backup:key-token";
     /// On the helpers' shared security group (kept between runs; `gc` removes it when idle).
@@ -39,6 +47,32 @@ pub mod key {
     /// On a snapshot (and its volume): written by `--direct` through the EBS direct APIs.
     pub const DIRECT: &str = "ec2-backup:direct";
     pub const NAME: &str = "Name";
+}
+
+/// The tags that record what a backup left out (see [`key::EXCLUDES`]).
+pub fn selection(s: &crate::select::Selection) -> Vec<(&'static str, String)> {
+    vec![
+        (key::EXCLUDES, s.patterns().len().to_string()),
+        (key::EXCLUDES_SHA256, s.sha256().unwrap_or_default()),
+        (
+            key::EXCLUDE_PATTERNS,
+            s.patterns_json(256).unwrap_or_default(),
+        ),
+        (key::ONE_FILE_SYSTEM, s.one_file_system.to_string()),
+    ]
+}
+
+/// What a backup's tags say it left out: the SHA-256 of its exclude set (None: no
+/// patterns, or a backup older than the tags) and whether it skipped other filesystems.
+pub fn recorded_selection(
+    tags: &std::collections::BTreeMap<String, String>,
+) -> (Option<String>, bool) {
+    let sha = tags
+        .get(key::EXCLUDES_SHA256)
+        .filter(|v| !v.is_empty())
+        .cloned();
+    let one_fs = tags.get(key::ONE_FILE_SYSTEM).is_some_and(|v| v == "true");
+    (sha, one_fs)
 }
 
 pub fn new_run_id() -> String {

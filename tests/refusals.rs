@@ -58,6 +58,52 @@ fn unknown_option_and_missing_dir() {
 }
 
 #[test]
+fn exclude_problems() {
+    let d = small_dir();
+    let missing = d.path().join("no-such-file");
+    let (code, line) = refused(
+        ec2_backup()
+            .arg("--exclude-from")
+            .arg(&missing)
+            .arg(d.path()),
+    );
+    assert_eq!(code, 2);
+    assert!(
+        line.contains("exclude file") && line.contains("cannot be read"),
+        "{line}"
+    );
+    // A directory given as the file: read(2) fails.
+    let (code, line) = refused(
+        ec2_backup()
+            .arg("--exclude-from")
+            .arg(d.path())
+            .arg(d.path()),
+    );
+    assert_eq!(code, 2);
+    assert!(line.contains("cannot be read"), "{line}");
+    let (code, line) = refused(ec2_backup().arg("--exclude=").arg(d.path()));
+    assert_eq!(code, 2);
+    assert!(line.contains("empty pattern"), "{line}");
+    for itself in ["/", ".", "./"] {
+        let (code, line) = refused(ec2_backup().args(["--exclude", itself]).arg(d.path()));
+        assert_eq!(code, 2);
+        assert!(line.contains("the directory itself"), "{line}");
+    }
+    let (code, line) = refused(ec2_backup().args(["--exclude", "*"]).arg(d.path()));
+    assert_eq!(code, 2);
+    assert!(line.contains("every entry"), "{line}");
+    // verify refuses the same, before looking for the volume.
+    let (code, line) = refused(
+        ec2_backup()
+            .args(["verify", "vol-0123456789abcdef0"])
+            .arg(d.path())
+            .args(["--exclude", "/"]),
+    );
+    assert_eq!(code, 2);
+    assert!(line.contains("the directory itself"), "{line}");
+}
+
+#[test]
 fn directory_problems() {
     let d = small_dir();
     let (code, line) = refused(ec2_backup().arg(d.path().join("missing")));

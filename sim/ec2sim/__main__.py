@@ -21,6 +21,7 @@ import time
 from . import cleanup, config, fast, faults, hostops, timing
 
 EXPORTS = ("export AWS_ENDPOINT_URL=http://127.0.0.1:{port}\n"
+           "export AWS_ENDPOINT_URL_EBS=http://127.0.0.1:{ebs_port}\n"
            "export AWS_ACCESS_KEY_ID=ec2sim\n"
            "export AWS_SECRET_ACCESS_KEY=ec2sim\n"
            "export AWS_REGION=us-east-1\n"
@@ -59,7 +60,7 @@ def cmd_up(sdir, name, args):
             if running != spec["profile"]:
                 sys.stderr.write(f"ec2sim: '{name}' is already up with timing {running}, not "
                                  f"{spec['profile']}: run `down` first to change it.\n")
-            sys.stdout.write(EXPORTS.format(port=cfg["port"]))
+            sys.stdout.write(_exports(cfg))
             return
         if cfg:  # a crashed daemon: clear what it left, then start clean
             cleanup.down(sdir)
@@ -87,7 +88,12 @@ def cmd_up(sdir, name, args):
                 sys.stderr.write(tail)
                 raise Fail(f"the simulator daemon did not start (log: {sdir}/daemon.log)")
             time.sleep(0.05)
-        sys.stdout.write(EXPORTS.format(port=cfg["port"]))
+        sys.stdout.write(_exports(cfg))
+
+
+def _exports(cfg):
+    # A daemon started before the lean EBS endpoint existed serves EBS direct on its port.
+    return EXPORTS.format(port=cfg["port"], ebs_port=cfg.get("ebs_port") or cfg["port"])
 
 
 def cmd_down(sdir, name, args):
@@ -133,7 +139,8 @@ def cmd_fault(sdir, name, args):
     if not args:
         raise Fail("usage: ec2sim fault api ACTION CODE COUNT | boot-delay S | attach-delay S | "
                    "snapshot-delay S | never-boot [N] | no-python [N] | missing-tool PROGRAM [N] | "
-                   "broken-tool PROGRAM [N] | link MBIT [DELAY_MS] | clear")
+                   "broken-tool PROGRAM [N] | link MBIT [DELAY_MS] | ebs-latency MS | "
+                   "ebs-rate N | clear")
     kind, rest = args[0], args[1:]
     try:
         if kind == "api" and len(rest) == 3:
@@ -162,6 +169,16 @@ def cmd_fault(sdir, name, args):
                 if not hostops.shape(i["ns"], i["veth"], link) and link["delay_ms"]:
                     sys.stderr.write("ec2sim: this kernel has no sch_netem: rate shaped "
                                      "with tbf, delay not applied.\n")
+        elif kind == "ebs-latency" and len(rest) == 1:
+            ms = float(rest[0])
+            if not 0 <= ms < float("inf"):
+                raise ValueError
+            faults.update(sdir, lambda d: d.__setitem__("ebs_latency_ms", ms))
+        elif kind == "ebs-rate" and len(rest) == 1:
+            n = int(rest[0])
+            if n < 0:
+                raise ValueError
+            faults.update(sdir, lambda d: d.__setitem__("ebs_rate", n))
         elif kind == "clear" and not rest:
             had_link = faults.load(sdir).get("link")
             faults.clear(sdir)

@@ -157,8 +157,16 @@ def choose_config(sdir, name):
             break
     if port is None:
         raise SystemExit("no free TCP port for the simulator")
-    return {"name": name, "port": port, "block": block, "tag": tag_of(sdir),
-            "created": time.time()}
+    ebs_port = None  # the lean EBS direct endpoint (ebsserver.py)
+    for i in range(1, 2000):
+        cand = 20000 + (h // 7 + port + i * 104729) % 20000
+        if cand != port and _port_free(cand):
+            ebs_port = cand
+            break
+    if ebs_port is None:
+        raise SystemExit("no free TCP port for the simulator's EBS endpoint")
+    return {"name": name, "port": port, "ebs_port": ebs_port, "block": block,
+            "tag": tag_of(sdir), "created": time.time()}
 
 
 def addresses(block, idx):

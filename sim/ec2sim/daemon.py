@@ -1,6 +1,7 @@
 """The simulator daemon: moto's ThreadedMotoServer with the EC2 rules installed, a WSGI
-layer for API fault injection, and the instance runtime. Run as
-`python -m ec2sim.daemon STATE_DIR`; writes STATE_DIR/ready once warmed up."""
+layer for API fault injection, the instance runtime, and the EBS direct APIs (ebsdirect.py)
+on their own lean endpoint (ebsserver.py, config "ebs_port") as well as on moto's port.
+Run as `python -m ec2sim.daemon STATE_DIR`; writes STATE_DIR/ready once warmed up."""
 import io
 import os
 import signal
@@ -18,19 +19,47 @@ for _v in ("MOTO_ENABLE_AMI_VALIDATION", "MOTO_ENABLE_KEYPAIR_VALIDATION",
 from moto.moto_server import threaded_moto_server as tms  # noqa: E402
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app  # noqa: E402
 
-from . import config, ebsdirect, faults, firewall, rules, runtime, statusview, timing  # noqa: E402
+from . import config, ebsdirect, ebsserver, faults, firewall, rules, runtime, statusview, timing  # noqa: E402
 
 INTERNAL_HEADER = "HTTP_X_EC2SIM_INTERNAL"
 
 
-def fault_layer(app, sdir):
+def ebs_route(api, environ, start_response):
+    """An EBS direct request that came to moto's port (a client given AWS_ENDPOINT_URL
+    only): answered by the same ebsdirect.Api as the lean endpoint."""
+    headers = {k[5:].replace("_", "-").lower(): v for k, v in environ.items()
+               if k.startswith("HTTP_")}
+    for k in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        if environ.get(k):
+            headers[k.replace("_", "-").lower()] = environ[k]
+    try:
+        n = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        n = 0
+    inp = environ["wsgi.input"]
+    body = inp.read(n) if n else (inp.read() if environ.get("wsgi.input_terminated") else b"")
+    if "aws-chunked" in headers.get("content-encoding", "").lower():
+        body = ebsserver.aws_chunked(body)
+    qs = environ.get("QUERY_STRING", "")
+    status, rh, rbody = api.handle(environ["REQUEST_METHOD"],
+                                   environ.get("PATH_INFO", "") + ("?" + qs if qs else ""),
+                                   headers, body)
+    start_response(f"{status} {ebsserver.REASONS.get(status, 'Error')}",
+                   rh + [("Content-Length", str(len(rbody)))])
+    return [bytes(rbody)]
+
+
+def fault_layer(app, sdir, api=None):
     """Fail the next N calls of an action before moto sees them. Requests carrying the
-    X-Ec2sim-Internal header (the status command, warm-up) are never failed."""
+    X-Ec2sim-Internal header (the status command, warm-up) are never failed. The EBS direct
+    routes (/snapshots...) go to ebsdirect.Api, which applies its own faults."""
     fpath = os.path.join(sdir, "faults.json")
 
     def wrapped(environ, start_response):
         if environ.get("PATH_INFO") == statusview.PATH and environ.get("REQUEST_METHOD") == "GET":
             return statusview.app_route(sdir, start_response)
+        if api is not None and (environ.get("PATH_INFO") or "").startswith("/snapshots"):
+            return ebs_route(api, environ, start_response)
         if not os.path.exists(fpath) or environ.get(INTERNAL_HEADER):
             return app(environ, start_response)
         try:
@@ -62,12 +91,14 @@ def fault_layer(app, sdir):
 
 
 class Server(tms.ThreadedMotoServer):
-    def __init__(self, sdir, port):
+    def __init__(self, sdir, port, api=None):
         super().__init__("127.0.0.1", port, verbose=False)
         self._sdir = sdir
+        self._api = api
 
     def _server_entry(self):
-        app = fault_layer(DomainDispatcherApplication(create_backend_app), self._sdir)
+        app = fault_layer(DomainDispatcherApplication(create_backend_app), self._sdir,
+                          self._api)
         self._server = tms.make_server(self._ip_address, self._port, app, True,
                                        request_handler=tms.MotoRequestHandler)
         self._server_ready_event.set()
@@ -105,19 +136,26 @@ def main():
     print(timing.table(cfg.get("timing") or timing.resolve(os.environ)), end="", flush=True)
     rules.install(sim)
     firewall.install(sim)  # after rules: wraps the backend as rules left it
-    ebsdirect.install(sim)
-    server = Server(sdir, cfg["port"])
+    api = ebsdirect.install(sim)
+    server = Server(sdir, cfg["port"], api)
     server.start()
+    ebs = None
+    if cfg.get("ebs_port"):
+        ebs = ebsserver.Server(api, "127.0.0.1", cfg["ebs_port"])
+        ebs.start()
     warm_up(cfg["port"])
     with open(os.path.join(sdir, "ready"), "w") as f:
         f.write(str(os.getpid()))
-    print(f"ec2sim {cfg['name']} ready on port {cfg['port']}", flush=True)
+    print(f"ec2sim {cfg['name']} ready on port {cfg['port']} (EBS direct: "
+          f"{cfg.get('ebs_port') or cfg['port']})", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     while not stop.wait(3600):
         pass
     # `down` unwinds the host resources from the ledger; the daemon only stops serving.
+    if ebs is not None:
+        ebs.stop()
     server.stop()
     time.sleep(0)
 

@@ -48,6 +48,7 @@ class Sim:
         self.free_slots = list(range(config.MAX_INSTANCES))
         # How long each state change takes (timing.py): resolved by `up`, kept in config.json.
         self.timing = timing.Timing(self.cfg.get("timing") or timing.resolve(os.environ))
+        self.fill_unwritten = None  # set by ebsdirect.Api: fn(snapshot id, volume file)
         for d in ("volumes", "snapshots", "instances"):
             os.makedirs(os.path.join(sdir, d), exist_ok=True)
 
@@ -392,7 +393,19 @@ class Sim:
         with open(vfile, "ab") as f:
             f.truncate(vol.size * 1024 ** 3)
         vol._sim_status = "creating"
-        self.after(self.timing.draw("volume_create"), setattr, vol, "_sim_status", None)
+        ready = time.time() + self.timing.draw("volume_create")
+
+        def work():
+            # ebsdirect: an encrypted StartSnapshot snapshot's unwritten blocks read as
+            # garbage (~1 s a GiB to write): while the volume is `creating`, which lasts
+            # until then if that is longer.
+            try:
+                if snapshot_id and self.fill_unwritten:
+                    self.fill_unwritten(snapshot_id, vfile)
+            finally:
+                time.sleep(max(0.0, ready - time.time()))
+                vol._sim_status = None
+        self.later(work)
 
     def deleted(self, vid):
         try:

@@ -107,7 +107,14 @@ def test_ebs_direct_blocks_land_in_snapshot(sim):
                            Tags=[{"Key": RUN, "Value": "r"}])
     sid = s["SnapshotId"]
     assert s["BlockSize"] == B and s["Status"] == "pending" and s["VolumeSize"] == 1
-    assert ebs.start_snapshot(VolumeSize=1, ClientToken="tok-1")["SnapshotId"] == sid
+    # ClientToken: the same request again is the same snapshot; another with the same
+    # token is a ConflictException (409), as AWS answers it.
+    assert ebs.start_snapshot(VolumeSize=1, Description="d", ClientToken="tok-1",
+                              Tags=[{"Key": RUN, "Value": "r"}])["SnapshotId"] == sid
+    with pytest.raises(ClientError) as e:
+        ebs.start_snapshot(VolumeSize=1, ClientToken="tok-1")
+    assert code(e) == "ConflictException"
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 409
     assert not [v for v in sim.status()["volumes"] if v["file"] is None and v["size"] == 1
                 and not v["attachments"]]  # no phantom volume
 

@@ -27,6 +27,9 @@ pub struct Entry {
     pub size_gib: Option<i32>,
     pub bytes: Option<u64>,
     pub complete: bool,
+    /// How many exclude patterns it was made with (0: none).
+    pub excludes: u64,
+    pub one_file_system: bool,
 }
 
 pub async fn run() -> Result<Vec<Entry>, Error> {
@@ -76,6 +79,11 @@ fn entry(
         size_gib,
         bytes: tags.get(key::BYTES).and_then(|b| b.parse().ok()),
         complete: tags.get(key::COMPLETED).is_some_and(|c| c == "true"),
+        excludes: tags
+            .get(key::EXCLUDES)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0),
+        one_file_system: tags.get(key::ONE_FILE_SYSTEM).is_some_and(|v| v == "true"),
     })
 }
 
@@ -94,6 +102,8 @@ pub fn json(list: &[Entry]) -> String {
                     "size_gib": e.size_gib,
                     "bytes": e.bytes,
                     "complete": e.complete,
+                    "excludes": e.excludes,
+                    "one_file_system": e.one_file_system,
                 })
             })
             .collect(),
@@ -101,15 +111,35 @@ pub fn json(list: &[Entry]) -> String {
     .to_string()
 }
 
+/// What a backup left out, in one word: `-` (nothing), the number of exclude patterns,
+/// `xdev` for --one-file-system (as find calls it), or both (`3,xdev`).
+fn left_out(e: &Entry) -> String {
+    match (e.excludes, e.one_file_system) {
+        (0, false) => "-".into(),
+        (0, true) => "xdev".into(),
+        (n, false) => n.to_string(),
+        (n, true) => format!("{n},xdev"),
+    }
+}
+
 /// A table with a header; the directory comes last (it may hold spaces) and is escaped.
 pub fn table(list: &[Entry]) -> String {
     let mut lines = vec![format!(
-        "{:<22} {:<8} {:<6} {:<20} {:>5} {:>12} {:<10} {} {}",
-        "ID", "KIND", "METHOD", "FINISHED", "GIB", "BYTES", "COMPLETE", "HOST", "DIRECTORY"
+        "{:<22} {:<8} {:<6} {:<20} {:>5} {:>12} {:<10} {:<8} {} {}",
+        "ID",
+        "KIND",
+        "METHOD",
+        "FINISHED",
+        "GIB",
+        "BYTES",
+        "COMPLETE",
+        "EXCLUDES",
+        "HOST",
+        "DIRECTORY"
     )];
     for e in list {
         lines.push(format!(
-            "{:<22} {:<8} {:<6} {:<20} {:>5} {:>12} {:<10} {} {}",
+            "{:<22} {:<8} {:<6} {:<20} {:>5} {:>12} {:<10} {:<8} {} {}",
             e.id,
             e.kind,
             e.method,
@@ -119,6 +149,7 @@ pub fn table(list: &[Entry]) -> String {
                 .unwrap_or_else(|| "-".into()),
             e.bytes.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),
             if e.complete { "yes" } else { "no" },
+            left_out(e),
             e.source_host,
             crate::quote::c_escape(std::path::Path::new(&e.source_dir)),
         ));
@@ -191,6 +222,8 @@ mod tests {
                         (key::FINISHED, "2026-01-01T00:00:00Z"),
                         (key::COMPLETED, "true"),
                         (key::BYTES, "10"),
+                        (key::EXCLUDES, "2"),
+                        (key::ONE_FILE_SYSTEM, "true"),
                     ],
                 ),
                 vol(
@@ -224,9 +257,16 @@ mod tests {
             "size_gib",
             "bytes",
             "complete",
+            "excludes",
+            "one_file_system",
         ] {
             assert!(v[0].get(k).is_some(), "{k}");
         }
         assert_eq!(v[0]["kind"], "volume");
+        assert_eq!(v[1]["excludes"], 2);
+        assert_eq!(v[0]["excludes"], 0);
+        let t = table(&list);
+        assert!(t.lines().nth(2).unwrap().contains(" 2,xdev "), "{t}");
+        assert!(t.lines().nth(1).unwrap().contains(" -        "), "{t}");
     }
 }

@@ -30,6 +30,9 @@ pub struct Backup {
     /// dd: the archive's recorded length and SHA-256.
     pub bytes: Option<u64>,
     pub sha256: Option<String>,
+    /// What it recorded it left out: its exclude set's SHA-256, and --one-file-system.
+    pub excludes_sha256: Option<String>,
+    pub one_file_system: bool,
 }
 
 /// Where the backup is.
@@ -300,7 +303,10 @@ fn from_tags(
             ))
         })?;
     let tag = |k: &str| tags.get(k).filter(|v| !v.is_empty()).cloned();
+    let (excludes_sha256, one_file_system) = crate::tags::recorded_selection(tags);
     Ok(Backup {
+        excludes_sha256,
+        one_file_system,
         id: id.to_string(),
         source,
         method,

@@ -16,10 +16,25 @@ use crate::error::Error;
 use crate::error::Failure;
 use crate::method::{dd, rsync, Method, MethodError};
 use crate::quote::c_escape;
+use crate::select::Selection;
+use crate::walk::Rules;
 
 pub struct Options {
     pub source: String,
     pub dir: PathBuf,
+    /// What the backup left out, as the user says it was made.
+    pub selection: Selection,
+}
+
+impl Options {
+    pub fn new(args: crate::cli::VerifyArgs) -> Result<Options, Error> {
+        let s = &args.selection;
+        Ok(Options {
+            selection: Selection::new(&s.excludes, &s.exclude_from, s.one_file_system)?,
+            source: args.source,
+            dir: args.dir,
+        })
+    }
 }
 
 /// What verify found: the differences (empty: identical) and what cleanup left.
@@ -31,6 +46,7 @@ pub struct Verified {
 pub async fn run(options: Options) -> Result<Verified, Failure> {
     source::check_id(&options.source)?;
     let dir = crate::walk::check_dir(&options.dir).map_err(Error::from)?;
+    let rules = Rules::new(&dir, &options.selection);
     if let Some((backup, ebs, report)) = source::direct_snapshot(&options.source).await? {
         let mut signals = crate::signals::Signals::new()
             .map_err(|e| Error::Usage(format!("cannot handle signals: {e}")))?;
@@ -38,7 +54,13 @@ pub async fn run(options: Options) -> Result<Verified, Failure> {
             ebs: &ebs,
             snapshot: &backup.id,
         };
-        let work = compare_archive(&reader, &backup, &dir, &report);
+        let work = async {
+            let mut lines: Vec<String> = selection_difference(&backup, rules.selection())
+                .into_iter()
+                .collect();
+            lines.extend(compare_archive(&reader, &backup, &rules, &report).await?);
+            Ok(lines)
+        };
         let differences = source::guarded(&mut signals, work).await?;
         return Ok(Verified {
             differences,
@@ -46,7 +68,7 @@ pub async fn run(options: Options) -> Result<Verified, Failure> {
         });
     }
     let mut opened = source::open(&options.source, |_| Ok(())).await?;
-    let work = compare(&opened.lease, &opened.attached, &opened.backup, &dir);
+    let work = compare(&opened.lease, &opened.attached, &opened.backup, &rules);
     let result = source::guarded(&mut opened.signals, work).await;
     let (differences, leftovers) = source::close(opened, result).await?;
     Ok(Verified {
@@ -59,28 +81,33 @@ async fn compare(
     lease: &crate::helper::lease::Lease<crate::cloud::aws::AwsCloud>,
     attached: &crate::helper::lease::Attached,
     backup: &source::Backup,
-    dir: &Path,
+    rules: &Rules,
 ) -> Result<Vec<String>, Error> {
+    let dir = rules.root();
     let ssh = lease.session().await?;
     let ssh = &*ssh;
     lease.report.step(&format!(
         "{} is {} on the helper; comparing",
         backup.id, attached.device
     ));
-    match backup.method {
+    let mut lines: Vec<String> = selection_difference(backup, rules.selection())
+        .into_iter()
+        .collect();
+    let found: Result<Vec<String>, Error> = match backup.method {
         Method::Dd => {
             let reader = source::Reader::Helper {
                 ssh,
                 device: &attached.device,
             };
-            compare_archive(&reader, backup, dir, &lease.report).await
+            compare_archive(&reader, backup, rules, &lease.report).await
         }
         Method::Rsync => {
             lease.ledger.record(crate::ledger::Resource::Mount(
                 rsync::read::READ_POINT.into(),
             ));
             rsync::read::mount_read_only(ssh, &attached.device).await?;
-            Ok(rsync::read::compare(ssh, dir)
+            let left_out = crate::walk::exclusions(rules).await?;
+            Ok(rsync::read::compare(ssh, dir, rsync::hide_rules(&left_out))
                 .await?
                 .into_iter()
                 .map(|(what, path)| {
@@ -89,7 +116,39 @@ async fn compare(
                 })
                 .collect())
         }
+    };
+    lines.extend(found?);
+    Ok(lines)
+}
+
+/// The difference between what the backup recorded it left out and what this verify leaves
+/// out, if any: with other excludes, entries one set leaves out and the other does not
+/// would show as differences (or hide them).
+fn selection_difference(backup: &source::Backup, ours: &Selection) -> Option<String> {
+    let theirs = (backup.excludes_sha256.clone(), backup.one_file_system);
+    if theirs == (ours.sha256(), ours.one_file_system) {
+        return None;
     }
+    let describe = |sha: &Option<String>, count: Option<usize>, one_fs: bool| {
+        let mut text = match (sha, count) {
+            (None, _) => "no excludes".to_string(),
+            (Some(sha), Some(n)) => format!("{n} exclude patterns (SHA-256 {sha})"),
+            (Some(sha), None) => format!("exclude patterns with SHA-256 {sha}"),
+        };
+        if one_fs {
+            text.push_str(" and --one-file-system");
+        }
+        text
+    };
+    Some(format!(
+        "excludes: the backup was made with {}, this verify uses {}",
+        describe(&theirs.0, None, theirs.1),
+        describe(
+            &ours.sha256(),
+            Some(ours.patterns().len()),
+            ours.one_file_system
+        )
+    ))
 }
 
 /// A dd archive from `reader` held against `dir`: tar's `--compare` and `--list` on the same
@@ -97,9 +156,10 @@ async fn compare(
 async fn compare_archive(
     reader: &source::Reader<'_>,
     backup: &source::Backup,
-    dir: &Path,
+    rules: &Rules,
     report: &crate::report::Reporter,
 ) -> Result<Vec<String>, Error> {
+    let dir = rules.root();
     let sink = dd::read::Sink::Processes(vec![
         dd::read::compare_command(dir),
         dd::read::list_command(),
@@ -131,7 +191,7 @@ async fn compare_archive(
         .lines()
         .map(|l| dd::unescape(l.trim_end_matches('/')))
         .collect();
-    for extra in only_in_dir(dir, &members) {
+    for extra in only_in_dir(rules, &members)? {
         lines.push(format!("only in the directory: {}", c_escape(&extra)));
     }
     match &backup.sha256 {
@@ -181,27 +241,21 @@ fn tar_difference(line: &str) -> Option<String> {
     None
 }
 
-/// Entries of `dir` (as `./…` paths) that are not among the archive's members.
-fn only_in_dir(dir: &Path, members: &BTreeSet<PathBuf>) -> Vec<PathBuf> {
+/// Entries the rules take in (as `./…` paths) that are not among the archive's members;
+/// what is below such a directory is not listed again.
+fn only_in_dir(rules: &Rules, members: &BTreeSet<PathBuf>) -> Result<Vec<PathBuf>, Error> {
     let mut extra = Vec::new();
-    let mut todo = vec![PathBuf::from(".")];
-    while let Some(rel) = todo.pop() {
-        let Ok(entries) = std::fs::read_dir(dir.join(&rel)) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let path = rel.join(e.file_name());
-            if !members.contains(&path) {
-                extra.push(path);
-                continue;
-            }
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                todo.push(path);
-            }
+    crate::walk::list::list(rules, |rel, _| {
+        let path = Path::new(".").join(rel);
+        if rel.as_os_str().is_empty() || members.contains(&path) {
+            return Ok(true);
         }
-    }
+        extra.push(path);
+        Ok(false)
+    })
+    .map_err(|e| MethodError::Failed(format!("listing {} failed: {e}", rules.root().display())))?;
     extra.sort();
-    extra
+    Ok(extra)
 }
 
 /// Undoes rsync's escaping of names in its output: `\#ooo` is the byte of octal ooo.
@@ -258,15 +312,24 @@ mod tests {
     #[test]
     fn entries_only_in_the_directory_are_found_once() {
         let d = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(d.path().join("kept/new")).unwrap();
-        std::fs::write(d.path().join("kept/f"), b"x").unwrap();
-        std::fs::write(d.path().join("kept/new/g"), b"x").unwrap();
+        let root = std::fs::canonicalize(d.path()).unwrap();
+        std::fs::create_dir_all(root.join("kept/new")).unwrap();
+        std::fs::write(root.join("kept/f"), b"x").unwrap();
+        std::fs::write(root.join("kept/new/g"), b"x").unwrap();
+        std::fs::write(root.join("kept/x.o"), b"x").unwrap();
         let members: BTreeSet<PathBuf> = [".", "./kept", "./kept/f"]
             .iter()
             .map(PathBuf::from)
             .collect();
+        let none = Rules::new(&root, &Selection::default());
         assert_eq!(
-            only_in_dir(d.path(), &members),
+            only_in_dir(&none, &members).unwrap(),
+            [PathBuf::from("./kept/new"), PathBuf::from("./kept/x.o")]
+        );
+        // What the excludes leave out is not missing from the backup.
+        let selection = Selection::new(&["*.o".into()], &[], false).unwrap();
+        assert_eq!(
+            only_in_dir(&Rules::new(&root, &selection), &members).unwrap(),
             [PathBuf::from("./kept/new")]
         );
     }

@@ -11,6 +11,8 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 use crate::helper::ssh::SshError;
+use crate::select::Selection;
+use crate::walk::Rules;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -69,12 +71,22 @@ pub(crate) fn widen_pipe(pipe: &impl std::os::fd::AsRawFd) {
     }
 }
 
-/// Where the transfer gets its data and what it leaves out.
+/// Where the transfer gets its data, and the rules of the walk that decides what of it.
 #[derive(Debug, Clone)]
 pub struct Source {
     pub dir: PathBuf,
-    /// Pseudo-filesystem mount points (relative, `/`-separated) whose contents are skipped.
-    pub skip_contents_of: Vec<String>,
+    pub rules: Rules,
+}
+
+impl Source {
+    /// The source of `dir` (canonical) with `selection`, and the mount points below it as
+    /// mounted now.
+    pub fn new(dir: &std::path::Path, selection: &Selection) -> Source {
+        Source {
+            dir: dir.to_path_buf(),
+            rules: Rules::new(dir, selection),
+        }
+    }
 }
 
 #[derive(Debug, Error)]

@@ -102,8 +102,9 @@ async fn decide(
         .instance_type
         .clone()
         .unwrap_or_else(|| DEFAULT_INSTANCE_TYPE.to_string());
+    let source = method::Source::new(&dir, &options.selection);
     let (inventory, zones) = tokio::join!(
-        plan::take_inventory(&dir, report),
+        plan::take_inventory(&source.rules, report),
         cloud.zones_for(&instance_type)
     );
     let inventory = inventory?;
@@ -115,10 +116,6 @@ async fn decide(
             cloud.region
         ))
     })?;
-    let source = method::Source {
-        dir: dir.clone(),
-        skip_contents_of: inventory.pseudo_mounts.clone(),
-    };
     let archive_bytes = dd::archive_size(&source).await?;
     report.step(&format!("the archive will be {archive_bytes} bytes"));
     // As for a new volume (twice the footprint), and never less than the archive needs.
@@ -151,6 +148,11 @@ impl DirectJob {
         let host = hostname();
         let dir = truncate(&self.plan.dir.to_string_lossy(), 255);
         let mut tags = run_tags(&self.run_id);
+        tags.extend(
+            crate::tags::selection(&self.options.selection)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v)),
+        );
         tags.extend([
             (key::SOURCE_HOST.to_string(), host.clone()),
             (key::SOURCE_DIR.to_string(), dir.clone()),
@@ -194,10 +196,7 @@ impl DirectJob {
             plan.snapshot_gib,
             plan.blocks()
         ));
-        let source = method::Source {
-            dir: plan.dir.clone(),
-            skip_contents_of: plan.inventory.pseudo_mounts.clone(),
-        };
+        let source = method::Source::new(&plan.dir, &self.options.selection);
         let bar = super::progress_bar(plan.archive_bytes);
         let capacity = u64::try_from(plan.snapshot_gib).unwrap_or(0) * 2048;
         let up = direct::upload(&self.ebs, &snapshot_id, since, &source, capacity, &bar).await?;

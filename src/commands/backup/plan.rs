@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use crate::cloud::{Cloud, Volume};
 use crate::error::Error;
 use crate::helper::plan::{self as helper_plan, find_volume, HelperOptions, HelperPlan, Pinned};
-use crate::method::Method;
+use crate::method::{Method, Source};
 use crate::report::Reporter;
-use crate::walk::{self, Inventory};
+use crate::select::Selection;
+use crate::walk::{self, Inventory, Rules};
 
 /// What the user asked for, read from the command line and the environment.
 #[derive(Debug, Clone)]
@@ -28,6 +29,8 @@ pub struct Options {
     pub snapshot_limit: std::time::Duration,
     /// The KMS key for the volumes this run creates (None: the region's default).
     pub kms_key_id: Option<String>,
+    /// What of the directory the backup holds.
+    pub selection: Selection,
     pub helper: HelperOptions,
 }
 
@@ -56,6 +59,7 @@ impl Options {
             snapshot_only,
             kms_key_id,
             direct,
+            selection,
         } = cli;
         let history = match (snapshot, snapshot_only) {
             (_, true) => History::SnapshotOnly,
@@ -81,6 +85,11 @@ impl Options {
             ));
         }
         let dir = dir.ok_or_else(|| Error::Usage("the directory to back up is missing".into()))?;
+        let selection = Selection::new(
+            &selection.excludes,
+            &selection.exclude_from,
+            selection.one_file_system,
+        )?;
         Ok(Options {
             method,
             volume,
@@ -92,6 +101,7 @@ impl Options {
             direct,
             snapshot_limit: crate::history::snapshot::limit_from_env().map_err(Error::Usage)?,
             kms_key_id,
+            selection,
             helper: HelperOptions::from_env()?,
         })
     }
@@ -128,28 +138,16 @@ pub fn check_local(options: &Options, report: &Reporter) -> Result<Local, Error>
     })
 }
 
-/// The sizing walk, on a thread of its own so the cloud lookups go on meanwhile. Not a
-/// tokio blocking task: a walk stuck in a hung network mount must not keep a run that was
-/// interrupted from exiting (the runtime waits for its blocking tasks; a plain thread ends
-/// with the process).
-pub(super) async fn take_inventory(
-    dir: &std::path::Path,
-    report: &Reporter,
-) -> Result<Inventory, Error> {
-    report.step(&format!("sizing {}", dir.display()));
-    let owned = dir.to_path_buf();
-    let (done, walked) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("ec2-backup-walk".into())
-        .spawn(move || {
-            let _ = done.send(walk::inventory(&owned));
-        })
-        .map_err(|e| Error::Invalid(format!("sizing {} failed: {e}", dir.display())))?;
-    let inventory = walked
-        .await
-        .map_err(|_| walk::PlanError::Walk(dir.to_path_buf()))??;
+/// The sizing walk, on a thread of its own so the cloud lookups go on meanwhile.
+pub(super) async fn take_inventory(rules: &Rules, report: &Reporter) -> Result<Inventory, Error> {
+    report.step(&format!("sizing {}", rules.root().display()));
+    let inventory = walk::inventory_in_thread(rules).await?;
+    let excluded = match inventory.excluded.len() {
+        0 => String::new(),
+        n => format!(" ({n} paths excluded)"),
+    };
     report.step(&format!(
-        "{} entries, {} bytes of data",
+        "{} entries, {} bytes of data{excluded}",
         inventory.entries, inventory.data_bytes
     ));
     Ok(inventory)
@@ -168,18 +166,15 @@ pub async fn decide<C: Cloud>(
         dir,
         extra_authorized_keys,
     } = local;
-    // A dd archive must fit a `-v` volume exactly; its length is measured after the walk
-    // (which finds the pseudo-filesystems the archive leaves out).
+    // A dd archive must fit a `-v` volume exactly; its length is measured after the walk,
+    // by an archive of what the same rules take in.
     let measure = options.volume.is_some() && options.method == Method::Dd;
     let sizing = async {
-        let inventory = take_inventory(&dir, report).await?;
+        let source = Source::new(&dir, &options.selection);
+        let inventory = take_inventory(&source.rules, report).await?;
         if !measure {
             return Ok::<_, Error>((inventory, None));
         }
-        let source = crate::method::Source {
-            dir: dir.clone(),
-            skip_contents_of: inventory.pseudo_mounts.clone(),
-        };
         let bytes = crate::method::dd::archive_size(&source).await?;
         report.step(&format!("the archive will be {bytes} bytes"));
         Ok((inventory, Some(bytes)))

@@ -24,10 +24,7 @@ impl Job {
         self.lease
             .report
             .step(&format!("{volume_id} is {dev} on the helper; transferring"));
-        let source = Source {
-            dir: self.plan.dir.clone(),
-            skip_contents_of: self.plan.inventory.pseudo_mounts.clone(),
-        };
+        let source = Source::new(&self.plan.dir, &self.options.selection);
         let reused = self.plan.existing_volume.is_some();
         match self.options.method {
             Method::Dd => {
@@ -126,6 +123,11 @@ impl Job {
             (key::METHOD, self.options.method.as_str().to_string()),
             (key::COMPLETED, completed.to_string()),
         ]);
+        tags.extend(
+            crate::tags::selection(&self.options.selection)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v)),
+        );
         // A user's own volume keeps its own name, and is marked as theirs.
         match self.plan.existing_volume {
             None => tags.push((key::NAME.into(), name)),

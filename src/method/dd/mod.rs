@@ -17,7 +17,6 @@ pub mod read;
 use crate::helper::ssh::{describe_failure, detach_from_terminal_signals, Session};
 use crate::method::wire::{self, Wire, SAMPLE};
 use crate::method::{MethodError, Source, Transfer};
-use crate::quote::glob_escape;
 
 /// Writes stdin (decompressed first when $2 is zstd) to the device $1 and fsyncs it. With
 /// python3 on the helper (every cloud-init image has it), the bytes are hashed as they are
@@ -82,14 +81,72 @@ else digest() { sha256sum; }; fi
 dd if="$1" bs=4M iflag=count_bytes count="$2" status=none | digest
 "#;
 
-/// The local tar command for `source`, writing the archive to stdout.
-pub fn tar_command(source: &Source) -> Command {
+/// The local tar archiving `source` to `file`, and the walk that names what it archives.
+/// The one way this crate makes its archive (the dd method, and sizing it).
+pub struct Archive {
+    pub tar: Command,
+    pub feed: Feed,
+}
+
+/// The names tar archives: a walk of the directory with the source's rules (see
+/// [`crate::walk::list`]), written to tar's stdin, each `./PATH` (the root `.`) ended by a
+/// NUL byte. tar takes them literally (`--verbatim-files-from`: a name that starts with `-`
+/// is a name) and archives each without recursion, so a directory's excluded entries are
+/// never added back; the walk alone decides what is in the archive.
+pub struct Feed {
+    rules: crate::walk::Rules,
+    to_tar: std::io::PipeWriter,
+}
+
+impl Feed {
+    /// Runs the walk on a thread of its own (a hung mount must not hold the runtime); what
+    /// it found arrives when it is done. It stops early when tar goes away.
+    pub fn start(self) -> tokio::sync::oneshot::Receiver<std::io::Result<Listed>> {
+        let (done, listed) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("ec2-backup-list".into())
+            .spawn(move || {
+                let _ = done.send(self.run());
+            });
+        // Without its thread, the receiver reports the feed as gone.
+        drop(spawned);
+        listed
+    }
+
+    fn run(self) -> std::io::Result<Listed> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, self.to_tar);
+        let listed = crate::walk::list::list(&self.rules, |rel, _| {
+            match rel.as_os_str().is_empty() {
+                true => out.write_all(b".")?,
+                false => {
+                    out.write_all(b"./")?;
+                    out.write_all(rel.as_os_str().as_bytes())?;
+                }
+            }
+            out.write_all(b"\0")?;
+            Ok(true)
+        })?;
+        out.flush()?;
+        Ok(listed)
+    }
+}
+
+pub use crate::walk::list::Listed;
+
+/// The local tar command for `source`, writing the archive to stdout, and its feed.
+pub fn tar_command(source: &Source) -> Result<Archive, MethodError> {
     tar_to(source, "--file=-")
 }
 
 /// tar's messages are read by [`torn_member`]: in the C locale, names quoted with escapes
 /// (a newline in a name cannot start a line of its own).
-fn tar_to(source: &Source, file: &str) -> Command {
+fn tar_to(source: &Source, file: &str) -> Result<Archive, MethodError> {
+    let (from_feed, to_tar) = std::io::pipe().map_err(|e| MethodError::Spawn {
+        program: "tar",
+        source: e,
+    })?;
+    crate::method::widen_pipe(&to_tar);
     let mut cmd = Command::new("tar");
     cmd.env("LC_ALL", "C")
         .arg("--create")
@@ -104,36 +161,48 @@ fn tar_to(source: &Source, file: &str) -> Command {
             "--acls",
             "--xattrs",
             "--xattrs-include=*",
-            "--anchored",
             "--warning=no-file-ignored",
             // 1 MiB records: one write per MiB into the pipe instead of a hundred (the end
             // of the archive is padded with zeros to a whole record, after its end marker).
             "--record-size=1048576",
-        ]);
-    for skip in &source.skip_contents_of {
-        cmd.arg(format!("--exclude=./{}/*", glob_escape(skip)));
-    }
-    cmd.arg(".");
-    cmd
+            "--no-recursion",
+            "--null",
+            "--verbatim-files-from",
+            "--files-from=-",
+        ])
+        .stdin(from_feed);
+    Ok(Archive {
+        tar: cmd,
+        feed: Feed {
+            rules: source.rules.clone(),
+            to_tar,
+        },
+    })
 }
 
 /// The exact length of the archive a backup of `source` would write now: GNU tar writing to
 /// /dev/null stats every file (and reads sparse maps, ACLs, xattrs) but reads no file data,
 /// and reports the bytes it would have written. The stream pads that to whole 1 MiB records.
 pub async fn archive_size(source: &Source) -> Result<u64, MethodError> {
-    let mut cmd = tar_to(source, "--file=/dev/null");
-    cmd.arg("--totals");
-    let out = cmd
-        .stdin(Stdio::null())
+    let Archive { mut tar, feed } = tar_to(source, "--file=/dev/null")?;
+    tar.arg("--totals");
+    let child = tar
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .output()
-        .await
+        .spawn()
         .map_err(|e| MethodError::Spawn {
             program: "tar",
             source: e,
         })?;
+    // tar holds the feed's read end now; this process's copy goes with the command.
+    drop(tar);
+    let listed = feed.start();
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| MethodError::Failed(format!("waiting for tar failed: {e}")))?;
+    drop(listed);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let total = stderr
         .lines()
@@ -214,26 +283,118 @@ pub fn unescape(quoted: &str) -> std::path::PathBuf {
     std::ffi::OsString::from_vec(out).into()
 }
 
-/// Passes tar's messages on to stderr as they come, and collects the members they say may
-/// be torn.
+/// What tar's messages said: the members that may be torn, and whether an exit status of
+/// 2 (some file could not be archived) is explained by files removed after the walk
+/// listed them alone.
+#[derive(Debug, Default)]
+pub(crate) struct Messages {
+    torn: Vec<std::path::PathBuf>,
+    vanished: usize,
+    /// A message that is neither a vanished file nor one of tar's harmless warnings.
+    other: bool,
+}
+
+impl Messages {
+    fn read(&mut self, line: &str, root: &std::path::Path) {
+        if let Some(path) = torn_member(line, root) {
+            self.torn.push(path);
+        } else if vanished(line, root) {
+            self.vanished += 1;
+        } else if !harmless(line) {
+            self.other = true;
+        }
+    }
+
+    /// Whether tar's exit status `code` means some file is not in the archive. 2 is
+    /// forgiven only when every message explains it as a file removed after it was listed
+    /// (tar's own recursion calls that a warning; for a listed name it is an error).
+    fn unreadable(&self, code: i32) -> bool {
+        code == 2 && (self.other || self.vanished == 0)
+    }
+}
+
+/// A listed name that tar could not find, and that is gone now: removed after the walk
+/// listed it. tar quotes names with escapes, so `: ` in a name cannot fake the suffix of
+/// another message.
+fn vanished(line: &str, root: &std::path::Path) -> bool {
+    let Some(rest) = line.strip_prefix("tar: ") else {
+        return false;
+    };
+    ["stat", "open", "readlink"].iter().any(|verb| {
+        rest.strip_suffix(&format!(": Cannot {verb}: No such file or directory"))
+            .is_some_and(|name| {
+                std::fs::symlink_metadata(root.join(unescape(name)))
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+            })
+    })
+}
+
+/// tar's warnings that say nothing is missing from the archive (a directory whose listing
+/// changed: the walk listed it already; a socket, which tar cannot archive).
+fn harmless(line: &str) -> bool {
+    line == "tar: Exiting with failure status due to previous errors"
+        || [
+            ": file changed as we read it",
+            ": File removed before we read it",
+            ": socket ignored",
+        ]
+        .iter()
+        .any(|s| line.ends_with(s))
+}
+
+/// Passes tar's messages on to stderr as they come, and reads them.
 pub(crate) async fn watch_tar_messages(
     stderr: Option<tokio::process::ChildStderr>,
     root: std::path::PathBuf,
-) -> Vec<std::path::PathBuf> {
+) -> Messages {
     use tokio::io::AsyncBufReadExt;
+    let mut messages = Messages::default();
     let Some(stderr) = stderr else {
-        return Vec::new();
+        return messages;
     };
     let mut lines = tokio::io::BufReader::new(stderr).split(b'\n');
-    let mut torn = Vec::new();
     while let Ok(Some(line)) = lines.next_segment().await {
         let line = String::from_utf8_lossy(&line).into_owned();
         crate::report::say(&line);
-        if let Some(path) = torn_member(&line, &root) {
-            torn.push(path);
-        }
+        messages.read(&line, &root);
     }
-    torn
+    messages
+}
+
+/// Waits for a local tar fed by [`Feed`]: whether some file is not in the archive (tar's
+/// exit status as its messages explain it, and directories the walk could not read, each
+/// named on stderr), and the members that may be torn.
+pub(crate) async fn finish_tar(
+    tar: &mut tokio::process::Child,
+    messages: tokio::task::JoinHandle<Messages>,
+    listed: tokio::sync::oneshot::Receiver<std::io::Result<Listed>>,
+) -> Result<(bool, Vec<std::path::PathBuf>), MethodError> {
+    let status = tar
+        .wait()
+        .await
+        .map_err(|e| MethodError::Failed(format!("waiting for tar failed: {e}")))?;
+    let messages = messages.await.unwrap_or_default();
+    // GNU tar: 1 = some file differed (changed while read, shrank); 2 = some files could not
+    // be read (the archive holds the rest).
+    let code = match status.code() {
+        Some(code @ 0..=2) => code,
+        _ => return Err(MethodError::Failed(format!("tar failed ({status})"))),
+    };
+    let listed = listed
+        .await
+        .map_err(|_| MethodError::Failed("listing the directory for tar stopped".into()))?
+        .map_err(|e| {
+            MethodError::Failed(format!("feeding tar the names to archive failed: {e}"))
+        })?;
+    for (dir, e) in &listed.unreadable {
+        crate::report::say(&format!(
+            "ec2-backup: {}: cannot read the directory ({e}); what it holds is not in the backup",
+            crate::quote::c_escape(&std::path::Path::new(".").join(dir))
+        ));
+    }
+    let unreadable = messages.unreadable(code) || !listed.unreadable.is_empty();
+    let torn = messages.torn;
+    Ok((unreadable, torn))
 }
 
 pub async fn backup(
@@ -249,11 +410,10 @@ pub async fn backup(
     crate::method::widen_pipe(&from_tar);
     // The command (and with it this process's copy of the pipe's write end) is dropped once
     // tar runs, so that tar's exit is the end of the stream.
+    let Archive { tar: mut cmd, feed } = tar_command(source)?;
     let mut tar = {
-        let mut cmd = tar_command(source);
         detach_from_terminal_signals(&mut cmd);
-        cmd.stdin(Stdio::null())
-            .stdout(tar_out)
+        cmd.stdout(tar_out)
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -262,6 +422,9 @@ pub async fn backup(
                 source: e,
             })?
     };
+    // tar holds the feed's read end now; this process's copy goes with the command.
+    drop(cmd);
+    let listed = feed.start();
 
     let messages = tokio::spawn(watch_tar_messages(tar.stderr.take(), source.dir.clone()));
     // Look at the start of the archive, then decide how to send it.
@@ -372,18 +535,7 @@ pub async fn backup(
             &stderr,
         )));
     }
-    let status = tar
-        .wait()
-        .await
-        .map_err(|e| MethodError::Failed(format!("waiting for tar failed: {e}")))?;
-    let torn = messages.await.unwrap_or_default();
-    // GNU tar: 1 = some file differed (changed while read, shrank); 2 = some files could not
-    // be read (the archive holds the rest).
-    let unreadable = match status.code() {
-        Some(0) | Some(1) => false,
-        Some(2) => true,
-        _ => return Err(MethodError::Failed(format!("tar failed ({status})"))),
-    };
+    let (unreadable, torn) = finish_tar(&mut tar, messages, listed).await?;
     let remote = match written_digest(&String::from_utf8_lossy(&out.stdout)) {
         Some((sum, written)) if written == bytes => sum,
         Some((sum, written)) => {
@@ -716,28 +868,72 @@ mod tests {
         }
     }
 
+    /// Runs the archive of `source` to its end; its bytes.
+    async fn archive_of(source: &Source) -> Vec<u8> {
+        let Archive { mut tar, feed } = tar_command(source).unwrap();
+        let child = tar.stdout(Stdio::piped()).spawn().unwrap();
+        drop(tar);
+        let listed = feed.start();
+        let out = child.wait_with_output().await.unwrap();
+        assert!(out.status.success());
+        listed.await.unwrap().unwrap();
+        out.stdout
+    }
+
+    #[tokio::test]
+    async fn tar_archives_exactly_what_the_walk_lists() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::create_dir_all(root.join("-d/skip.o")).unwrap();
+        std::fs::write(root.join("-d/skip.o/inside"), b"x").unwrap();
+        std::fs::write(root.join("-d/kept"), b"x").unwrap();
+        std::fs::write(root.join("new\nline *"), b"x").unwrap();
+        std::fs::write(root.join("drop.o"), b"x").unwrap();
+        let selection = crate::select::Selection::new(&["*.o".into()], &[], false).unwrap();
+        let source = Source::new(&root, &selection);
+        let bytes = archive_of(&source).await;
+        let mut list = std::process::Command::new("tar")
+            .args(["--list", "--quoting-style=escape"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // tar stops reading at the archive's end, before the last record's padding.
+        let _ = list.stdin.take().unwrap().write_all(&bytes);
+        let out = list.wait_with_output().unwrap();
+        let members = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(members, "./\n./-d/\n./-d/kept\n./new\\nline *\n");
+    }
+
     #[test]
-    fn tar_excludes_pseudo_mount_contents_literally() {
-        let source = Source {
-            dir: "/".into(),
-            skip_contents_of: vec!["proc".into(), "odd*[dir]".into()],
+    fn exit_2_is_forgiven_only_for_files_removed_after_the_walk() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(root.join("here"), b"x").unwrap();
+        let read = |lines: &[&str]| {
+            let mut m = Messages::default();
+            for l in lines {
+                m.read(l, root);
+            }
+            m
         };
-        let cmd = tar_command(&source);
-        let args: Vec<_> = cmd
-            .as_std()
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        assert!(args.contains(&"--exclude=./proc/*".to_string()));
-        assert!(args.contains(&"--exclude=./odd\\*\\[dir\\]/*".to_string()));
-        assert_eq!(args.last().map(String::as_str), Some("."));
-        let dot = args.iter().position(|a| a == ".").unwrap();
-        assert!(
-            args.iter()
-                .position(|a| a.starts_with("--exclude"))
-                .unwrap()
-                < dot
-        );
+        let gone = read(&[
+            "tar: ./gone\\n: Cannot stat: No such file or directory",
+            "tar: ./gone2: Cannot open: No such file or directory",
+            "tar: Exiting with failure status due to previous errors",
+        ]);
+        assert!(!gone.unreadable(2) && !gone.unreadable(0));
+        // The file is there: tar failed for another reason.
+        assert!(read(&["tar: ./here: Cannot stat: No such file or directory"]).unreadable(2));
+        assert!(read(&["tar: ./x: Cannot open: Permission denied"]).unreadable(2));
+        assert!(read(&[
+            "tar: ./gone: Cannot stat: No such file or directory",
+            "tar: ./y: Read error at byte 0, while reading 512 bytes: Input/output error",
+        ])
+        .unreadable(2));
+        // An exit status of 2 that no message explains is not forgiven.
+        assert!(read(&[]).unreadable(2));
+        assert!(!read(&["tar: ./s: socket ignored"]).unreadable(1));
     }
 
     #[test]
@@ -773,18 +969,10 @@ mod tests {
             std::fs::write(dir.path().join(format!("f{i}")), body).unwrap();
         }
         std::fs::write(dir.path().join("x".repeat(200)), b"long name").unwrap();
-        let source = Source {
-            dir: dir.path().to_path_buf(),
-            skip_contents_of: vec![],
-        };
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let source = Source::new(&root, &Default::default());
         let sized = archive_size(&source).await.unwrap();
-        let out = tar_command(&source)
-            .stdout(Stdio::piped())
-            .output()
-            .await
-            .unwrap();
-        assert!(out.status.success());
-        assert_eq!(sized, out.stdout.len() as u64);
+        assert_eq!(sized, archive_of(&source).await.len() as u64);
         assert!(archive_fits(sized, 1));
         assert!(!archive_fits(1 << 30, 1));
     }

@@ -15,12 +15,11 @@ use std::time::Instant;
 use base64::Engine;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
-use tokio::process::Command;
 use tokio::task::JoinSet;
 
 use crate::cloud::ebs::{Ebs, BLOCK};
 use crate::helper::ssh::detach_from_terminal_signals;
-use crate::method::dd::{tar_command, watch_tar_messages};
+use crate::method::dd::{finish_tar, tar_command, watch_tar_messages, Archive};
 use crate::method::{MethodError, Source, Transfer};
 
 /// Blocks in flight at once: enough to keep AWS's 1,000 PutSnapshotBlock/s per snapshot
@@ -50,16 +49,18 @@ pub async fn upload(
         program: "tar",
         source: e,
     };
+    // The same archive as the dd method's: the same tar, fed the walk's names.
+    let Archive { tar: mut cmd, feed } = tar_command(source)?;
     let mut tar = {
-        let mut cmd: Command = tar_command(source);
         detach_from_terminal_signals(&mut cmd);
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
+        cmd.stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .map_err(spawn)?
     };
+    drop(cmd);
+    let listed = feed.start();
     let messages = tokio::spawn(watch_tar_messages(tar.stderr.take(), source.dir.clone()));
     let mut stdout = tar
         .stdout
@@ -133,16 +134,7 @@ pub async fn upload(
         let _ = tar.start_kill();
         return Err(e);
     }
-    let status = tar
-        .wait()
-        .await
-        .map_err(|e| MethodError::Failed(format!("waiting for tar failed: {e}")))?;
-    let torn = messages.await.unwrap_or_default();
-    let unreadable = match status.code() {
-        Some(0) | Some(1) => false,
-        Some(2) => true,
-        _ => return Err(MethodError::Failed(format!("tar failed ({status})"))),
-    };
+    let (unreadable, torn) = finish_tar(&mut tar, messages, listed).await?;
     let linear = linear_checksum(&digests);
     Ok(Uploaded {
         blocks: digests.len() as u64,

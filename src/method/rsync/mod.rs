@@ -22,8 +22,8 @@ pub mod read;
 
 use crate::helper::ssh::{describe_failure, detach_from_terminal_signals, Session};
 use crate::method::{MethodError, Source, Transfer};
-use crate::quote::glob_escape;
 use crate::report::say;
+use crate::walk::Exclusions;
 
 /// Where the volume is mounted on the helper.
 pub const MOUNT_POINT: &str = "/mnt/ec2-backup";
@@ -187,14 +187,44 @@ pub const KEEP: &[&str] = &[
 /// parses whatever the names hold.
 const LOG_FORMAT: &str = "ec2-backup %i %l";
 
+/// What rsync leaves out, as rules it reads from stdin (`--from0 --filter=. -`), one
+/// NUL-ended rule each: every path the walk left out, anchored at the directory and matched
+/// literally, and the contents of every skipped mount point. They are hide rules (`H`, the
+/// sending side only), so they protect nothing on the mirror: under `--delete` it loses what
+/// it still holds of them. The walk decides; rsync's own pattern language only carries its
+/// answer.
+pub fn hide_rules(ex: &Exclusions) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut rules = Vec::new();
+    for path in &ex.excluded {
+        rules.extend_from_slice(b"H /");
+        rules.extend(crate::quote::rsync_literal(
+            path.as_os_str().as_bytes(),
+            false,
+        ));
+        rules.push(0);
+    }
+    for path in &ex.skipped {
+        rules.extend_from_slice(b"H /");
+        rules.extend(crate::quote::rsync_literal(
+            path.as_os_str().as_bytes(),
+            true,
+        ));
+        rules.extend_from_slice(b"/*\0");
+    }
+    rules
+}
+
+/// The options that give rsync the rules of [`hide_rules`] on its stdin.
+pub const HIDE_FROM_STDIN: &[&str] = &["--from0", "--filter=. -"];
+
 /// The local rsync command mirroring `source` onto the mounted volume, logging what it
-/// writes to `log`.
+/// writes to `log`; it reads [`hide_rules`] from its stdin.
 pub fn rsync_command(ssh: &Session, source: &Source, log: &Path) -> Result<Command, MethodError> {
     let mut cmd = Command::new("rsync");
-    cmd.args(KEEP).args(["--delete", "--filter=P /lost+found"]);
-    for skip in &source.skip_contents_of {
-        cmd.arg(format!("--exclude=/{}/*", glob_escape(skip)));
-    }
+    cmd.args(KEEP)
+        .args(["--delete", "--filter=P /lost+found"])
+        .args(HIDE_FROM_STDIN);
     let mut log_file = OsString::from("--log-file=");
     log_file.push(log);
     cmd.arg(log_file);
@@ -214,8 +244,11 @@ pub async fn backup(
     scratch: &Path,
 ) -> Result<Transfer, MethodError> {
     let log = scratch.join("rsync.log");
+    let left_out = crate::walk::exclusions(&source.rules)
+        .await
+        .map_err(|e| MethodError::Failed(e.to_string()))?;
     let cmd = rsync_command(ssh, source, &log)?;
-    let mut transfer = sync(cmd).await?;
+    let mut transfer = sync(cmd, hide_rules(&left_out)).await?;
     if let Ok(text) = std::fs::read_to_string(&log) {
         transfer.bytes = written_bytes(&text);
     }
@@ -249,25 +282,39 @@ fn lost(code: i32) -> MethodError {
     ))
 }
 
-/// Runs a prepared rsync to its end (killed if the run is dropped), stderr captured.
+/// Runs a prepared rsync to its end (killed if the run is dropped), `stdin` written to it,
+/// stderr captured.
 pub(crate) async fn run_rsync(
     mut cmd: Command,
     stdout: Stdio,
+    stdin: Vec<u8>,
 ) -> Result<std::process::Output, MethodError> {
+    use tokio::io::AsyncWriteExt;
     detach_from_terminal_signals(&mut cmd);
-    cmd.stdin(Stdio::null())
+    let spawn = |e| MethodError::Spawn {
+        program: "rsync",
+        source: e,
+    };
+    let mut child = cmd
+        .stdin(Stdio::piped())
         .stdout(stdout)
         .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| MethodError::Spawn {
-            program: "rsync",
-            source: e,
-        })
+        .spawn()
+        .map_err(spawn)?;
+    let mut to_rsync = child.stdin.take();
+    // Written beside the wait: rsync may stop reading (a failure) before the end.
+    let feed = async move {
+        if let Some(pipe) = to_rsync.as_mut() {
+            let _ = pipe.write_all(&stdin).await;
+        }
+        drop(to_rsync);
+    };
+    let (_, out) = tokio::join!(feed, child.wait_with_output());
+    out.map_err(spawn)
 }
 
-async fn sync(mut cmd: Command) -> Result<Transfer, MethodError> {
+async fn sync(mut cmd: Command, rules: Vec<u8>) -> Result<Transfer, MethodError> {
     // On a terminal, rsync's own overall progress line goes to stderr (never stdout).
     let progress = if std::io::stderr().is_terminal() {
         cmd.arg("--info=progress2");
@@ -279,7 +326,7 @@ async fn sync(mut cmd: Command) -> Result<Transfer, MethodError> {
     } else {
         Stdio::null()
     };
-    let out = run_rsync(cmd, progress).await?;
+    let out = run_rsync(cmd, progress, rules).await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     let code = out.status.code();
     // Pass rsync's own messages on when they name files (unreadable, vanished); a cut

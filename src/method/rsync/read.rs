@@ -68,7 +68,7 @@ pub async fn restore(ssh: &Session, dest: &Path, paths: &[OsString]) -> Result<(
     let mut to = OsString::from(dest.as_os_str());
     to.push("/");
     cmd.arg(to);
-    let out = super::run_rsync(cmd, Stdio::piped()).await?;
+    let out = super::run_rsync(cmd, Stdio::piped(), Vec::new()).await?;
     match out.status.code() {
         Some(0) => Ok(()),
         code => Err(MethodError::Failed(format!(
@@ -79,16 +79,22 @@ pub async fn restore(ssh: &Session, dest: &Path, paths: &[OsString]) -> Result<(
 }
 
 /// Compares `dir` with the mirror: a dry run from `dir` onto it with whole-file checksums
-/// (never rsync's size and mtime quick check) that itemizes every difference. Returns the
-/// differences as (kind, path) pairs, paths as rsync escapes them, relative to the root.
-pub async fn compare(ssh: &Session, dir: &Path) -> Result<Vec<(String, String)>, MethodError> {
+/// (never rsync's size and mtime quick check) that itemizes every difference, leaving out of
+/// `dir` what `rules` hide (see [`super::hide_rules`]: what the backup left out). Returns
+/// the differences as (kind, path) pairs, paths as rsync escapes them, relative to the root.
+pub async fn compare(
+    ssh: &Session,
+    dir: &Path,
+    rules: Vec<u8>,
+) -> Result<Vec<(String, String)>, MethodError> {
     let mut cmd = reading(ssh)?;
-    cmd.args(["--dry-run", "--checksum", "--delete", "--out-format=%i %n"]);
+    cmd.args(["--dry-run", "--checksum", "--delete", "--out-format=%i %n"])
+        .args(super::HIDE_FROM_STDIN);
     let mut from = OsString::from(dir.as_os_str());
     from.push("/");
     cmd.arg(from);
     cmd.arg(format!("{}:{READ_POINT}/", ssh.rsync_host()));
-    let out = super::run_rsync(cmd, Stdio::piped()).await?;
+    let out = super::run_rsync(cmd, Stdio::piped(), rules).await?;
     if out.status.code() != Some(0) {
         return Err(MethodError::Failed(format!(
             "comparing with rsync failed: {}",

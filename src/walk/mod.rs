@@ -2,17 +2,24 @@
 //! is created in the cloud.
 //!
 //! The walk is the tool's own (no `du`): it never follows symlinks, counts hard-linked files
-//! once, counts sparse files by the blocks they really use, and does not descend into
-//! pseudo-filesystems (proc, sysfs, tmpfs, ...) mounted below the directory, which are also
-//! excluded from the transfer.
+//! once, counts sparse files by the blocks they really use, and takes in only what the
+//! [`Rules`] take in: nothing an exclude pattern matches, and not the contents of the mount
+//! points [`mounts`] skips. The transfers ask the same rules ([`list`] feeds tar; rsync gets
+//! the paths a walk left out), so the volume's size, the archive and the mirror agree on
+//! what is in the backup.
+
+pub mod list;
+pub mod mounts;
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use thiserror::Error;
+
+use crate::select::Selection;
 
 pub const GIB: u64 = 1 << 30;
 
@@ -45,39 +52,75 @@ pub struct Inventory {
     pub footprint: u64,
     /// The largest regular file (rsync writes a changed file's new copy beside the old one).
     pub largest: u64,
-    /// Paths (relative to the directory, `/`-separated) of pseudo-filesystem mount points
-    /// whose contents are not backed up.
-    pub pseudo_mounts: Vec<String>,
+    /// Mount points (relative to the directory) whose contents are not backed up.
+    pub skipped: Vec<PathBuf>,
+    /// What the exclude patterns left out (relative): each path where the walk stopped,
+    /// not what is below it.
+    pub excluded: Vec<PathBuf>,
     /// Paths the walk could not read; the transfer will report them too.
     pub unreadable: Vec<PathBuf>,
 }
 
-/// Filesystem types whose contents are not data worth backing up.
-const PSEUDO_FS: &[&str] = &[
-    "proc",
-    "sysfs",
-    "devtmpfs",
-    "devpts",
-    "tmpfs",
-    "ramfs",
-    "cgroup",
-    "cgroup2",
-    "securityfs",
-    "debugfs",
-    "tracefs",
-    "pstore",
-    "bpf",
-    "mqueue",
-    "hugetlbfs",
-    "configfs",
-    "fusectl",
-    "autofs",
-    "binfmt_misc",
-    "efivarfs",
-    "nsfs",
-    "rpc_pipefs",
-    "selinuxfs",
-];
+/// What a walk of a directory takes in.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    root: PathBuf,
+    selection: Selection,
+    skipped: Arc<HashSet<PathBuf>>,
+}
+
+/// What the rules say of one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Left out, with everything below it.
+    Out,
+    In,
+    /// A mount point: the directory is kept, its contents are not.
+    Empty,
+}
+
+impl Rules {
+    /// The rules for `root` (canonical): the selection's patterns, and the mount points
+    /// below it whose contents are skipped, as mounted now.
+    pub fn new(root: &Path, selection: &Selection) -> Rules {
+        Rules {
+            root: root.to_path_buf(),
+            selection: selection.clone(),
+            skipped: Arc::new(mounts::skipped_below(root, selection.one_file_system)),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn selection(&self) -> &Selection {
+        &self.selection
+    }
+
+    /// The decision for the entry at `path` (below the root).
+    pub fn decide(&self, path: &Path, is_dir: bool) -> Decision {
+        let rel = path.strip_prefix(&self.root).unwrap_or(path);
+        if self.selection.excludes(rel, is_dir) {
+            Decision::Out
+        } else if is_dir && self.skipped.contains(path) {
+            Decision::Empty
+        } else {
+            Decision::In
+        }
+    }
+
+    /// The skipped mount points, relative to the root, sorted.
+    pub fn skipped(&self) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = self
+            .skipped
+            .iter()
+            .filter_map(|p| p.strip_prefix(&self.root).ok().map(Path::to_path_buf))
+            .collect();
+        out.sort();
+        out
+    }
+}
 
 /// What an entry costs on the volume besides its data (see [`Inventory::footprint`]).
 const DIR_COST: u64 = 4096;
@@ -130,8 +173,8 @@ pub fn fits(footprint: u64, size_gib: i32, filesystem: bool) -> bool {
 /// directories still to read. Twice as many threads as cores: a thread waiting for the disk
 /// (a cold cache) or preempted by the cloud lookups running meanwhile leaves its core to
 /// another.
-pub fn inventory(root: &Path) -> Result<Inventory, PlanError> {
-    let pseudo: HashSet<PathBuf> = pseudo_mounts_below(root).into_iter().collect();
+pub fn inventory(rules: &Rules) -> Result<Inventory, PlanError> {
+    let root = rules.root();
     let queue = Queue {
         state: Mutex::new((vec![root.to_path_buf()], 0)),
         ready: Condvar::new(),
@@ -142,7 +185,7 @@ pub fn inventory(root: &Path) -> Result<Inventory, PlanError> {
         .clamp(4, 16);
     let parts: Option<Vec<Part>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
-            .map(|_| scope.spawn(|| walk_part(root, &pseudo, &queue)))
+            .map(|_| scope.spawn(|| walk_part(rules, &queue)))
             .collect();
         handles.into_iter().map(|h| h.join().ok()).collect()
     });
@@ -158,7 +201,8 @@ pub fn inventory(root: &Path) -> Result<Inventory, PlanError> {
         inv.footprint += part.inv.footprint;
         inv.data_bytes += part.inv.data_bytes;
         inv.largest = inv.largest.max(part.inv.largest);
-        inv.pseudo_mounts.extend(part.inv.pseudo_mounts);
+        inv.skipped.extend(part.inv.skipped);
+        inv.excluded.extend(part.inv.excluded);
         inv.unreadable.extend(part.inv.unreadable);
         links.extend(part.links);
     }
@@ -167,9 +211,50 @@ pub fn inventory(root: &Path) -> Result<Inventory, PlanError> {
         inv.data_bytes += used;
         inv.footprint += used.div_ceil(4096) * 4096;
     }
-    inv.pseudo_mounts.sort();
+    inv.skipped.sort();
+    inv.excluded.sort();
     inv.unreadable.sort();
     Ok(inv)
+}
+
+/// [`inventory`] on a thread of its own, so that async work goes on meanwhile. Not a tokio
+/// blocking task: a walk stuck in a hung network mount must not keep a run that was
+/// interrupted from exiting (the runtime waits for its blocking tasks; a plain thread ends
+/// with the process).
+pub async fn inventory_in_thread(rules: &Rules) -> Result<Inventory, PlanError> {
+    let owned = rules.clone();
+    let (done, walked) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("ec2-backup-walk".into())
+        .spawn(move || {
+            let _ = done.send(inventory(&owned));
+        })
+        .map_err(|_| PlanError::Walk(rules.root().to_path_buf()))?;
+    walked
+        .await
+        .map_err(|_| PlanError::Walk(rules.root().to_path_buf()))?
+}
+
+/// What a transfer leaves out: the paths exclude patterns match (found by a walk now, when
+/// there are patterns) and the mount points whose contents are skipped.
+#[derive(Debug, Clone, Default)]
+pub struct Exclusions {
+    pub excluded: Vec<PathBuf>,
+    pub skipped: Vec<PathBuf>,
+}
+
+pub async fn exclusions(rules: &Rules) -> Result<Exclusions, PlanError> {
+    if rules.selection().patterns().is_empty() {
+        return Ok(Exclusions {
+            excluded: Vec::new(),
+            skipped: rules.skipped(),
+        });
+    }
+    let inv = inventory_in_thread(rules).await?;
+    Ok(Exclusions {
+        excluded: inv.excluded,
+        skipped: inv.skipped,
+    })
 }
 
 /// Directories still to read, and how many workers are reading one now.
@@ -214,23 +299,17 @@ struct Part {
     links: Vec<((u64, u64), u64)>,
 }
 
-fn walk_part(root: &Path, pseudo: &HashSet<PathBuf>, queue: &Queue) -> Part {
+fn walk_part(rules: &Rules, queue: &Queue) -> Part {
     let mut part = Part::default();
     while let Some(dir) = queue.next() {
         let mut found = Vec::new();
-        read_one(root, pseudo, &dir, &mut part, &mut found);
+        read_one(rules, &dir, &mut part, &mut found);
         queue.done(found);
     }
     part
 }
 
-fn read_one(
-    root: &Path,
-    pseudo: &HashSet<PathBuf>,
-    dir: &Path,
-    part: &mut Part,
-    found: &mut Vec<PathBuf>,
-) {
+fn read_one(rules: &Rules, dir: &Path, part: &mut Part, found: &mut Vec<PathBuf>) {
     let inv = &mut part.inv;
     let reader = match fs::read_dir(dir) {
         Ok(r) => r,
@@ -248,14 +327,18 @@ fn read_one(
             inv.unreadable.push(entry.path());
             continue;
         };
+        let path = entry.path();
+        let decision = rules.decide(&path, kind.is_dir());
+        if decision == Decision::Out {
+            inv.excluded.push(relative(rules.root(), &path));
+            continue;
+        }
         inv.entries += 1;
         inv.footprint += if kind.is_dir() { DIR_COST } else { ENTRY_COST };
         if kind.is_dir() {
-            let path = entry.path();
-            if pseudo.contains(&path) {
-                inv.pseudo_mounts.push(relative(root, &path));
-            } else {
-                found.push(path);
+            match decision {
+                Decision::Empty => inv.skipped.push(relative(rules.root(), &path)),
+                _ => found.push(path),
             }
         } else if kind.is_file() {
             let Ok(meta) = entry.metadata() else {
@@ -274,66 +357,39 @@ fn read_one(
     }
 }
 
-fn relative(root: &Path, path: &Path) -> String {
-    path.strip_prefix(root)
-        .unwrap_or(path)
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// Mount points of pseudo-filesystems strictly below `root`, from /proc/self/mountinfo.
-fn pseudo_mounts_below(root: &Path) -> Vec<PathBuf> {
-    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    parse_mountinfo(&text)
-        .into_iter()
-        .filter(|(point, fstype)| {
-            PSEUDO_FS.contains(&fstype.as_str()) && point != root && point.starts_with(root)
-        })
-        .map(|(point, _)| point)
-        .collect()
-}
-
-/// (mount point, filesystem type) pairs of a mountinfo text, with its octal escapes undone.
-fn parse_mountinfo(text: &str) -> Vec<(PathBuf, String)> {
-    text.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let sep = fields.iter().position(|f| *f == "-")?;
-            let point = fields.get(4)?;
-            let fstype = fields.get(sep + 1)?;
-            Some((PathBuf::from(unescape_octal(point)), fstype.to_string()))
-        })
-        .collect()
-}
-
-fn unescape_octal(s: &str) -> std::ffi::OsString {
-    use std::os::unix::ffi::OsStringExt;
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let digits = bytes
-            .get(i + 1..i + 4)
-            .and_then(|d| std::str::from_utf8(d).ok());
-        if bytes[i] == b'\\' {
-            if let Some(Ok(v)) = digits.map(|d| u8::from_str_radix(d, 8)) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    std::ffi::OsString::from_vec(out)
+fn relative(root: &Path, path: &Path) -> PathBuf {
+    path.strip_prefix(root).unwrap_or(path).to_path_buf()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    fn walk(root: &Path, selection: &Selection) -> Inventory {
+        let root = fs::canonicalize(root).unwrap();
+        inventory(&Rules::new(&root, selection)).unwrap()
+    }
+
+    #[test]
+    fn excluded_entries_are_not_counted_and_their_contents_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("keep/cache/deep")).unwrap();
+        fs::write(root.join("keep/cache/deep/big"), vec![1u8; 100_000]).unwrap();
+        fs::write(root.join("keep/a.log"), vec![1u8; 50_000]).unwrap();
+        fs::write(root.join("keep/f"), b"x").unwrap();
+        let selection = Selection::new(&["cache/".into(), "*.log".into()], &[], false).unwrap();
+        let inv = walk(root, &selection);
+        // The root, keep, keep/f.
+        assert_eq!(inv.entries, 3);
+        assert_eq!(inv.data_bytes, 1);
+        assert_eq!(
+            inv.excluded,
+            [PathBuf::from("keep/a.log"), PathBuf::from("keep/cache")]
+        );
+        assert_eq!(walk(root, &Selection::default()).entries, 7);
+    }
 
     #[test]
     fn sizes_round_up_to_whole_gib_at_least_one() {
@@ -352,22 +408,6 @@ mod tests {
     }
 
     #[test]
-    fn mountinfo_parsing_unescapes_and_finds_types() {
-        let text = "22 1 0:21 / /proc rw,nosuid - proc proc rw\n\
-                    30 1 8:1 / /mnt/with\\040space rw - ext4 /dev/sda1 rw\n\
-                    31 1 0:5 / /run shared:1 master:2 - tmpfs tmpfs rw\n";
-        let got = parse_mountinfo(text);
-        assert_eq!(
-            got,
-            vec![
-                (PathBuf::from("/proc"), "proc".to_string()),
-                (PathBuf::from("/mnt/with space"), "ext4".to_string()),
-                (PathBuf::from("/run"), "tmpfs".to_string()),
-            ]
-        );
-    }
-
-    #[test]
     fn inventory_counts_hard_links_once_and_skips_symlinks() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
@@ -376,7 +416,7 @@ mod tests {
         symlink("/usr", root.join("link")).unwrap();
         fs::create_dir(root.join("sub")).unwrap();
         fs::write(root.join("sub/c"), b"hello").unwrap();
-        let inv = inventory(&fs::canonicalize(root).unwrap()).unwrap();
+        let inv = walk(root, &Selection::default());
         assert_eq!(inv.entries, 6);
         assert_eq!(inv.data_bytes, 10_000 + 5);
         // Two directories (the root, sub), four other entries, data in 4 KiB blocks.
@@ -390,7 +430,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = fs::File::create(dir.path().join("sparse")).unwrap();
         f.set_len(1 << 30).unwrap();
-        let inv = inventory(&fs::canonicalize(dir.path()).unwrap()).unwrap();
+        let inv = walk(dir.path(), &Selection::default());
         assert!(inv.data_bytes < 1 << 20, "{}", inv.data_bytes);
     }
 
