@@ -1,6 +1,7 @@
 //! The two ways a directory reaches the volume: `dd` (a tar archive written raw at byte 0)
 //! and `rsync` (a mirror on a filesystem).
 
+pub mod archive;
 pub mod dd;
 pub mod direct;
 pub mod rsync;

@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 
 use crate::cloud::ebs::{Ebs, BLOCK};
 use crate::helper::ssh::detach_from_terminal_signals;
-use crate::method::dd::{finish_tar, tar_command, watch_tar_messages, Archive};
+use crate::method::archive::{finish_tar, tar_command, watch_tar_messages, Archive};
 use crate::method::{MethodError, Source, Transfer};
 
 /// Blocks in flight at once: enough to keep AWS's 1,000 PutSnapshotBlock/s per snapshot
