@@ -38,6 +38,36 @@ pub struct AwsCloud {
 }
 
 impl AwsCloud {
+    /// CreateVolume: gp3, encrypted (with the run's key, if any), empty or from `snapshot`.
+    async fn new_volume(
+        &self,
+        zone: &str,
+        size_gib: i32,
+        snapshot: Option<&str>,
+        tags: &Tags,
+    ) -> CloudResult<String> {
+        let action = match snapshot {
+            Some(_) => "Creating a volume from the snapshot",
+            None => "Creating the volume",
+        };
+        let out = self
+            .ec2
+            .create_volume()
+            .availability_zone(zone)
+            .size(size_gib)
+            .set_snapshot_id(snapshot.map(str::to_string))
+            .volume_type(VolumeType::Gp3)
+            .encrypted(true)
+            .set_kms_key_id(self.kms_key_id.clone())
+            .tag_specifications(tag_spec(ResourceType::Volume, tags))
+            .send()
+            .await
+            .map_err(|e| fail(action, e))?;
+        out.volume_id()
+            .map(str::to_string)
+            .ok_or_else(|| CloudError::new(action, "EC2 returned no volume ID"))
+    }
+
     /// Volumes made from now on are encrypted with this KMS key (ID, ARN or alias).
     pub fn with_kms_key(mut self, key: Option<String>) -> Self {
         self.kms_key_id = key;
@@ -169,21 +199,7 @@ impl Cloud for AwsCloud {
     }
 
     async fn create_volume(&self, zone: &str, size_gib: i32, tags: &Tags) -> CloudResult<String> {
-        let out = self
-            .ec2
-            .create_volume()
-            .availability_zone(zone)
-            .size(size_gib)
-            .volume_type(VolumeType::Gp3)
-            .encrypted(true)
-            .set_kms_key_id(self.kms_key_id.clone())
-            .tag_specifications(tag_spec(ResourceType::Volume, tags))
-            .send()
-            .await
-            .map_err(|e| fail("Creating the volume", e))?;
-        out.volume_id()
-            .map(str::to_string)
-            .ok_or_else(|| CloudError::new("Creating the volume", "EC2 returned no volume ID"))
+        self.new_volume(zone, size_gib, None, tags).await
     }
 
     async fn delete_volume(&self, id: &str) -> CloudResult<()> {

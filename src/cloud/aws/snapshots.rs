@@ -1,6 +1,6 @@
 //! [`Snapshots`] through the EC2 SDK.
 
-use aws_sdk_ec2::types::{Filter, ResourceType, VolumeType};
+use aws_sdk_ec2::types::{Filter, ResourceType};
 
 use super::{fail, is_code, tag_map, tag_spec, AwsCloud};
 use crate::cloud::snapshot::{Snapshot, Snapshots};
@@ -88,22 +88,6 @@ impl Snapshots for AwsCloud {
         size_gib: i32,
         tags: &Tags,
     ) -> CloudResult<String> {
-        let action = "Creating a volume from the snapshot";
-        let out = self
-            .ec2
-            .create_volume()
-            .availability_zone(zone)
-            .snapshot_id(snapshot)
-            .size(size_gib)
-            .volume_type(VolumeType::Gp3)
-            .encrypted(true)
-            .set_kms_key_id(self.kms_key_id.clone())
-            .tag_specifications(tag_spec(ResourceType::Volume, tags))
-            .send()
-            .await
-            .map_err(|e| fail(action, e))?;
-        out.volume_id()
-            .map(str::to_string)
-            .ok_or_else(|| CloudError::new(action, "EC2 returned no volume ID"))
+        self.new_volume(zone, size_gib, Some(snapshot), tags).await
     }
 }
