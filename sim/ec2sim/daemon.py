@@ -19,7 +19,8 @@ for _v in ("MOTO_ENABLE_AMI_VALIDATION", "MOTO_ENABLE_KEYPAIR_VALIDATION",
 from moto.moto_server import threaded_moto_server as tms  # noqa: E402
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app  # noqa: E402
 
-from . import config, ebsdirect, ebsserver, faults, firewall, rules, runtime, statusview, timing  # noqa: E402
+from . import (config, ebsdirect, ebsserver, faults, firewall, rules, runtime,  # noqa: E402
+               statusview, timing)
 
 INTERNAL_HEADER = "HTTP_X_EC2SIM_INTERNAL"
 
