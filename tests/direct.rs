@@ -137,3 +137,64 @@ fn direct_with_a_volume_or_rsync_is_refused_before_anything_is_made() {
     assert!(r.refused().contains("rsync"));
     assert_eq!((helpers_and_keys(), volume_ids()), before);
 }
+
+#[test]
+fn throttled_and_failing_block_writes_are_absorbed() {
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("noise"), tree::noise(6 << 20, 5)).unwrap();
+    let faults = Faults::new();
+    faults.api("PutSnapshotBlock", "ThrottlingException", 6);
+    faults.api("CompleteSnapshot", "InternalServerException", 1);
+    let r = run(ec2_backup()
+        .env("EC2_BACKUP_VERBOSE", "1")
+        .args(["--direct", "--snapshot-only"])
+        .arg(&src));
+    let left = (
+        faults.armed("PutSnapshotBlock"),
+        faults.armed("CompleteSnapshot"),
+    );
+    drop(faults);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(left, (0, 0), "every injected failure was met and retried");
+    let snap = r.stdout.trim().to_string();
+    let into = s.path().join("x");
+    extract(&snapshot_file(&snap), &into);
+    assert_eq!(
+        fs::read(into.join("noise")).unwrap(),
+        tree::noise(6 << 20, 5)
+    );
+    assert!(r.stderr.contains("retried"), "{}", r.stderr);
+}
+
+#[test]
+fn sigint_mid_upload_leaves_no_volume_and_no_completed_snapshot() {
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("noise"), tree::noise(64 << 20, 9)).unwrap();
+    let volumes = volume_ids();
+    let faults = Faults::new();
+    faults.set(&["ebs-latency", "300"]);
+    let mut cmd = ec2_backup();
+    cmd.env("EC2_BACKUP_VERBOSE", "1").arg("--direct").arg(&src);
+    let live = common::spawn::Live::start(&mut cmd);
+    let line = live.wait_for("uploading", std::time::Duration::from_secs(60));
+    let snap = common::spawn::id_after(&line, "started snap-")
+        .map(|rest| format!("snap-{rest}"))
+        .expect("the snapshot's ID");
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    live.signal(libc::SIGINT);
+    let ended = live.finish(std::time::Duration::from_secs(120));
+    drop(faults);
+    assert_eq!(ended.code(), Some(130), "{}", ended.show());
+    assert_eq!(ended.stdout, "", "no backup to name");
+    assert_eq!(volume_ids(), volumes, "no volume made");
+    // Deleted: gone, or pending with its deletion taken (EC2 removes it once it is sealed
+    // or cancelled); never completed.
+    if let Some(info) = snapshot(&snap) {
+        assert_ne!(info["state"], "completed", "{info}");
+        assert_eq!(info["deleting"], true, "{info}");
+    }
+}
