@@ -107,10 +107,10 @@ pub fn dry_run(plan: &Plan, method: Method, history: History, as_json: bool) -> 
     if let Some(g) = &helper.ssh_group {
         let from = match &g.cidr {
             Some(cidr) => cidr.clone(),
-            None => "this machine's address as the helper sees it".to_string(),
+            None => "this machine's address (as the helper will see it)".to_string(),
         };
         lines.push(format!(
-            "  use the helpers' security group ec2-backup-ssh in {} (made if missing), admitting ssh from {from} only",
+            "  use the helpers' security group ec2-backup-ssh in {} (made if missing), admitting ssh only from {from}",
             g.vpc
         ));
     }
@@ -150,7 +150,10 @@ pub fn dry_run(plan: &Plan, method: Method, history: History, as_json: bool) -> 
         ));
     }
     if let Some(c) = snapshot_cost {
-        kept.push(format!("the snapshot about ${c:.4} per month (a first snapshot of the data; later ones store changed blocks)"));
+        kept.push(format!(
+            "the snapshot {} per month (a first snapshot of the data; later ones store changed blocks)",
+            usd_small(c)
+        ));
     }
     lines.push(format!(
         "Estimated cost (us-east-1 list prices): {instance}; {}.",
@@ -210,12 +213,12 @@ pub fn direct_dry_run(plan: &DirectPlan, history: History, as_json: bool) -> Str
             plan.snapshot_gib, plan.zone
         )),
     }
-    let mut kept = vec![format!("about ${api:.4} of PutSnapshotBlock calls")];
+    let mut kept = vec![format!("{} of PutSnapshotBlock calls", usd_small(api))];
     if let Some(v) = volume {
         kept.push(format!("the volume about ${v:.2} per month while kept"));
     }
     if snapshot_kept {
-        kept.push(format!("the snapshot about ${snapshot:.4} per month"));
+        kept.push(format!("the snapshot {} per month", usd_small(snapshot)));
     }
     lines.push(format!(
         "Estimated cost (us-east-1 list prices): {}.",
@@ -223,4 +226,12 @@ pub fn direct_dry_run(plan: &DirectPlan, history: History, as_json: bool) -> Str
     ));
     lines.push("Nothing was created.".to_string());
     lines.join("\n")
+}
+
+/// "about $0.0123", or "under $0.0001" for what rounds to nothing.
+fn usd_small(usd: f64) -> String {
+    match usd < 0.0001 {
+        true => "under $0.0001".to_string(),
+        false => format!("about ${usd:.4}"),
+    }
 }
