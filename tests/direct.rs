@@ -198,3 +198,38 @@ fn sigint_mid_upload_leaves_no_volume_and_no_completed_snapshot() {
         assert_eq!(info["deleting"], true, "{info}");
     }
 }
+
+#[test]
+fn restore_to_stdout_piped_into_tar_ends_cleanly() {
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("needle.txt"), b"piped").unwrap();
+    let r = backup(
+        &[OsStr::new("--direct"), OsStr::new("--snapshot-only")],
+        &src,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let snap = r.stdout.trim().to_string();
+    // tar stops reading at the archive's end marker, before the last record's padding: the
+    // restore must take that for a reader that is done, not for a failure.
+    let mut restore = ec2_backup()
+        .args(["restore", &snap, "-"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let listed = Command::new("tar")
+        .arg("-t")
+        .stdin(restore.stdout.take().unwrap())
+        .output()
+        .unwrap();
+    let done = restore.wait_with_output().unwrap();
+    assert!(listed.status.success());
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("./needle.txt"));
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+}

@@ -192,7 +192,8 @@ fn copy(
 ) -> Result<Copied, MethodError> {
     let mut stdout = std::io::stdout().lock();
     // Consumers still reading; one that is done (it has seen the archive's end) drops out.
-    let (mut pipes, to_stdout) = match to {
+    // stdout too: `restore - | tar -x` ends its read at the archive's end marker.
+    let (mut pipes, mut to_stdout) = match to {
         Out::Pipes(p) => (p.into_iter().map(Some).collect::<Vec<_>>(), false),
         Out::Stdout => (Vec::new(), true),
     };
@@ -218,7 +219,11 @@ fn copy(
         let failed =
             |e: std::io::Error| MethodError::Failed(format!("writing the archive failed: {e}"));
         if to_stdout {
-            stdout.write_all(&buf[..n]).map_err(failed)?;
+            match stdout.write_all(&buf[..n]) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => to_stdout = false,
+                Err(e) => return Err(failed(e)),
+            }
         }
         for slot in pipes.iter_mut() {
             let Some(p) = slot else { continue };
@@ -231,6 +236,7 @@ fn copy(
         // Every consumer has seen the archive's end. With its length known, the rest (the
         // last record's padding) is still read and hashed: the checksum covers it all.
         if !to_stdout && pipes.iter().all(Option::is_none) && limit.is_none() {
+            // (A stream with no length has nothing to check the rest against.)
             complete = false;
             break;
         }
@@ -239,9 +245,15 @@ fn copy(
         progress.inc(n as u64);
     }
     if to_stdout {
-        stdout
-            .flush()
-            .map_err(|e| MethodError::Failed(format!("writing the archive failed: {e}")))?;
+        match stdout.flush() {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            Err(e) => {
+                return Err(MethodError::Failed(format!(
+                    "writing the archive failed: {e}"
+                )))
+            }
+        }
     }
     Ok(Copied {
         bytes,
