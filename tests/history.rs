@@ -442,7 +442,9 @@ fn gc_deletes_the_unkept_snapshot_of_a_run_killed_while_it_waited() {
     let faults = Faults::new();
     faults.set(&["snapshot-delay", "4"]);
     let mut cmd = ec2_backup();
-    cmd.env("EC2_BACKUP_VERBOSE", "1").arg("--snapshot").arg(&src);
+    cmd.env("EC2_BACKUP_VERBOSE", "1")
+        .arg("--snapshot")
+        .arg(&src);
     let live = common::spawn::Live::start(&mut cmd);
     let line = live.wait_for("snapshotting", std::time::Duration::from_secs(120));
     let snap = id_after(&line, "snap-").expect("the snapshot's ID");
@@ -452,7 +454,9 @@ fn gc_deletes_the_unkept_snapshot_of_a_run_killed_while_it_waited() {
     assert_eq!(ended.code(), None, "killed: {}", ended.show());
     let r = run(ec2_backup().arg("gc"));
     assert!(
-        r.stdout.lines().any(|l| l.contains(&snap) && l.contains("unkept snapshot")),
+        r.stdout
+            .lines()
+            .any(|l| l.contains(&snap) && l.contains("unkept snapshot")),
         "{}",
         r.stdout
     );
@@ -461,7 +465,10 @@ fn gc_deletes_the_unkept_snapshot_of_a_run_killed_while_it_waited() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while exists(&snap) {
-        assert!(std::time::Instant::now() < deadline, "{snap} was not deleted");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{snap} was not deleted"
+        );
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
     // The kept backups of other runs are untouched by gc.
