@@ -212,7 +212,7 @@ impl Ledger {
                 }
                 Resource::Snapshot(id) => {
                     report.step(&format!("deleting the snapshot {id} this run started"));
-                    if let Err(e) = cloud.delete_snapshot(id).await {
+                    if let Err(e) = crate::history::snapshot::discard(cloud, id).await {
                         left.push(format!("the snapshot {id} could not be deleted ({e})"));
                         continue;
                     }

@@ -46,6 +46,9 @@ pub mod key {
     pub const NAMED_VOLUME: &str = "ec2-backup:named-volume";
     /// On a snapshot (and its volume): written by `--direct` through the EBS direct APIs.
     pub const DIRECT: &str = "ec2-backup:direct";
+    /// On a snapshot: its deletion was asked for (EC2 takes it once a pending snapshot
+    /// completes; until then it still looks pending).
+    pub const DELETING: &str = "ec2-backup:deleting";
     pub const NAME: &str = "Name";
 }
 

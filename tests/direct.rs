@@ -196,6 +196,8 @@ fn sigint_mid_upload_leaves_no_volume_and_no_completed_snapshot() {
     if let Some(info) = snapshot(&snap) {
         assert_ne!(info["state"], "completed", "{info}");
         assert_eq!(info["deleting"], true, "{info}");
+        // ... and marked, so that gc does not list it again while EC2 still shows it.
+        assert_eq!(info["tags"]["ec2-backup:deleting"], "true", "{info}");
     }
 }
 

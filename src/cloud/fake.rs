@@ -201,6 +201,9 @@ impl Cloud for FakeCloud {
             if let Some(v) = s.volumes.get_mut(id) {
                 v.tags.extend(tags.iter().cloned());
             }
+            if let Some(n) = s.snapshots.get_mut(id) {
+                n.tags.extend(tags.iter().cloned());
+            }
             Ok(())
         })
     }

@@ -165,7 +165,7 @@ pub async fn gc(options: &GcOptions) -> Result<GcReport, Error> {
     for id in &doomed_snapshots {
         match cloud.describe_snapshot(id).await {
             Ok(Some(n)) if unkept_snapshot(&n.tags) && verdict(&n.tags).is_some() => {
-                if let Err(e) = cloud.delete_snapshot(id).await {
+                if let Err(e) = crate::history::snapshot::discard(&cloud, id).await {
                     leftovers.push(format!("the snapshot {id} could not be deleted ({e})"));
                 }
             }
@@ -225,9 +225,11 @@ pub fn unfinished_volume(tags: &BTreeMap<String, String>) -> bool {
             .is_none_or(|x| x != "true")
 }
 
-/// A snapshot a run started and never saw completed (kept ones are backups: never collected).
+/// A snapshot a run started and never saw completed (kept ones are backups: never collected),
+/// and whose deletion nobody asked for yet.
 pub fn unkept_snapshot(tags: &BTreeMap<String, String>) -> bool {
-    tags.get(crate::tags::key::KEPT).is_none_or(|k| k != "true")
+    let is = |k: &str| tags.get(k).is_some_and(|v| v == "true");
+    !is(crate::tags::key::KEPT) && !is(crate::tags::key::DELETING)
 }
 
 /// Why a run's resource counts as abandoned, or None while its run may still be going.
@@ -289,6 +291,13 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn only_snapshots_nobody_kept_or_deleted_are_collectable() {
+        assert!(unkept_snapshot(&tags(&[("ec2-backup:run", "r")])));
+        assert!(!unkept_snapshot(&tags(&[("ec2-backup:kept", "true")])));
+        assert!(!unkept_snapshot(&tags(&[("ec2-backup:deleting", "true")])));
     }
 
     #[test]

@@ -53,6 +53,7 @@ pub fn entries(volumes: &[Tagged], snapshots: &[Snapshot]) -> Vec<Entry> {
                 .iter()
                 .filter(|s| s.state == "completed")
                 .filter(|s| s.tags.get(key::KEPT).is_some_and(|k| k == "true"))
+                .filter(|s| !s.tags.contains_key(key::DELETING))
                 .filter_map(|s| entry(s.id.clone(), "snapshot", s.size_gib, &s.tags)),
         )
         .collect();

@@ -125,6 +125,23 @@ pub async fn keep<C: Snapshots>(cloud: &C, ledger: &Ledger, id: &str) -> CloudRe
     Ok(())
 }
 
+/// Deletes a snapshot this tool made, marking it first (`ec2-backup:deleting`): EC2 takes
+/// the deletion of a pending snapshot only once it completes, and until then shows it as
+/// pending; the mark tells `gc` and `list` that nothing is left to do. A mark that cannot be
+/// set does not stop the deletion.
+pub async fn discard<C: Snapshots>(cloud: &C, id: &str) -> CloudResult<()> {
+    let mark = vec![(key::DELETING.to_string(), "true".to_string())];
+    if let Err(e) = cloud.create_tags(id, &mark).await {
+        if e.code
+            .as_deref()
+            .is_some_and(|c| c.starts_with("InvalidSnapshot.NotFound"))
+        {
+            return Ok(());
+        }
+    }
+    cloud.delete_snapshot(id).await
+}
+
 fn percent(progress: &str) -> Option<u64> {
     progress.trim().trim_end_matches('%').parse::<u64>().ok()
 }
@@ -186,6 +203,11 @@ mod tests {
         assert!(
             fake.snapshots().is_empty(),
             "the unkept snapshot was deleted"
+        );
+        let marked = format!("CreateTags {id}");
+        assert!(
+            fake.calls().contains(&marked),
+            "marked as being deleted first"
         );
         assert!(fake.volume(&v).is_some(), "the volume is not the ledger's");
     }
