@@ -224,15 +224,17 @@ impl Ebs {
         })
     }
 
-    /// PutSnapshotBlock of one whole block, with its SHA-256.
+    /// PutSnapshotBlock of one whole block, with its SHA-256 (`digest`, computed once by
+    /// the caller, who needs it for the LINEAR checksum too).
     pub async fn put(
         &self,
         snapshot: &str,
         index: i32,
         data: bytes::Bytes,
+        digest: &[u8; 32],
         since: Instant,
     ) -> Result<(), EbsError> {
-        let checksum = sha256_b64(&data);
+        let checksum = base64::engine::general_purpose::STANDARD.encode(digest);
         with_retries(self.retry, since, &self.retries, || async {
             self.client
                 .put_snapshot_block()

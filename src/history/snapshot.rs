@@ -62,8 +62,9 @@ pub async fn wait_completed<C: Snapshots>(
     const ACTION: &str = "Waiting for the snapshot";
     let bar = progress_bar();
     let deadline = Instant::now() + limit;
-    let mut interval = Duration::from_millis(250);
+    let mut interval = FIRST_POLL;
     let mut shown = String::new();
+    let mut pace = Pace::default();
     loop {
         let Some(s) = cloud.describe_snapshot(id).await? else {
             return Err(CloudError::new(
@@ -72,7 +73,8 @@ pub async fn wait_completed<C: Snapshots>(
             ));
         };
         let progress = s.progress.clone().unwrap_or_default();
-        if let Some(p) = percent(&progress) {
+        let pct = percent(&progress);
+        if let Some(p) = pct {
             bar.set_position(p);
         }
         let state = format!("{} {progress}", s.state);
@@ -108,10 +110,42 @@ pub async fn wait_completed<C: Snapshots>(
                 ),
             ));
         }
-        tokio::time::sleep(interval).await;
+        tokio::time::sleep(pace.next(interval, pct, Instant::now())).await;
         // Snapshots take seconds to hours: a few polls early, then one every 5 s (far below
         // DescribeSnapshots' request limits).
         interval = (interval * 3 / 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The first poll: a small snapshot (a `--direct` one just sealed) can complete within a
+/// tenth of a second.
+const FIRST_POLL: Duration = Duration::from_millis(50);
+
+/// When to poll next, from the progress seen so far: when the percentage has moved since the
+/// last poll and its pace says the end comes before the regular interval, poll about then
+/// (not sooner than [`FIRST_POLL`]). A progress that stands still (EC2 often sits at 99%)
+/// gets the regular, growing interval.
+#[derive(Debug, Default)]
+struct Pace {
+    first: Option<(Instant, u64)>,
+    last: Option<u64>,
+}
+
+impl Pace {
+    fn next(&mut self, interval: Duration, pct: Option<u64>, now: Instant) -> Duration {
+        let Some(p) = pct else {
+            return interval;
+        };
+        let moved = self.last.is_some_and(|l| p > l);
+        self.last = Some(p);
+        let (t0, p0) = *self.first.get_or_insert((now, p));
+        if !moved || p <= p0 || p >= 100 {
+            return interval;
+        }
+        let eta = now
+            .duration_since(t0)
+            .mul_f64((100 - p) as f64 / (p - p0) as f64);
+        interval.min(eta.max(FIRST_POLL))
     }
 }
 
@@ -165,6 +199,28 @@ mod tests {
     use super::*;
     use crate::cloud::fake::{FakeCloud, Faulty};
     use crate::cloud::Cloud;
+
+    #[test]
+    fn polls_come_when_the_progress_says_the_end_is_near() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let mut pace = Pace::default();
+        // The first sight sets the origin: the regular interval.
+        assert_eq!(pace.next(ms(500), Some(10), t), ms(500));
+        // 10% -> 60% in 100 ms: 40% more takes ~80 ms, sooner than the interval.
+        let eta = pace.next(ms(500), Some(60), t + ms(100));
+        assert!(eta >= ms(79) && eta <= ms(81), "{eta:?}");
+        // Never sooner than the first poll's pause.
+        assert_eq!(pace.next(ms(500), Some(99), t + ms(110)), FIRST_POLL);
+        // Standing still at 99%: the regular interval again.
+        assert_eq!(pace.next(ms(750), Some(99), t + ms(200)), ms(750));
+        // A slow pace never waits longer than the interval.
+        let mut slow = Pace::default();
+        slow.next(ms(5000), Some(1), t);
+        assert_eq!(slow.next(ms(5000), Some(2), t + ms(60_000)), ms(5000));
+        // No progress reported: the interval.
+        assert_eq!(Pace::default().next(ms(300), None, t), ms(300));
+    }
 
     #[test]
     fn progress_is_read_as_percent() {

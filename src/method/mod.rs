@@ -108,4 +108,8 @@ pub enum MethodError {
     /// What a `-v` volume holds, or its size, forbids writing it; nothing was written.
     #[error("{0}")]
     Refused(String),
+    /// `--direct`: the archive reached the end of the snapshot it was being written into
+    /// (sized from the walk); nothing was written past it.
+    #[error("the archive is larger than the snapshot started for it")]
+    Outgrown,
 }

@@ -47,7 +47,7 @@ fn lchown(path: &Path, uid: u32, gid: u32) {
     assert_eq!(rc, 0, "lchown {}", path.display());
 }
 
-fn set_xattr(path: &Path, name: &str, value: &[u8]) {
+pub fn set_xattr(path: &Path, name: &str, value: &[u8]) {
     let name = CString::new(name).unwrap();
     let rc = unsafe {
         libc::lsetxattr(

@@ -43,6 +43,29 @@ pub struct DirectPlan {
     pub region: String,
 }
 
+/// What the walk and EC2 say before anything is made. A run sizes its snapshot from the
+/// walk and starts the upload at once: tar's exact sizing pass (a walk of its own) is made
+/// only for `--dry-run`, or when the archive turns out larger than that snapshot.
+#[derive(Debug, Clone)]
+struct Survey {
+    dir: std::path::PathBuf,
+    inventory: walk::Inventory,
+    zone: String,
+    region: String,
+}
+
+/// The snapshot's size: as for a new volume (twice the footprint), and, once the archive's
+/// length is known, never less than it needs.
+fn snapshot_gib(footprint: u64, archive_bytes: Option<u64>) -> i32 {
+    let mut gib = walk::volume_gib(footprint);
+    if let Some(a) = archive_bytes {
+        while !dd::archive_fits(a, gib) {
+            gib += 1;
+        }
+    }
+    gib
+}
+
 impl DirectPlan {
     pub fn blocks(&self) -> u64 {
         self.archive_bytes.div_ceil(ebs::BLOCK as u64)
@@ -59,18 +82,31 @@ pub(super) async fn run(options: Options) -> Result<Done, Failure> {
         .await
         .map_err(input)?
         .with_kms_key(options.kms_key_id.clone());
-    let decided = tokio::select! {
-        p = decide(&cloud, &options, dir, &report) => p?,
+    let source = method::Source::new(&dir, &options.selection);
+    if options.dry_run {
+        let (survey, archive_bytes) = tokio::select! {
+            p = async { tokio::join!(survey(&cloud, &options, dir, &report), dd::archive_size(&source)) } => p,
+            e = signals.recv() => return Err(e.into()),
+        };
+        let (survey, archive_bytes) = (survey?, archive_bytes.map_err(Error::from)?);
+        return Ok(Done::DirectDryRun(Box::new(DirectPlan {
+            snapshot_gib: snapshot_gib(survey.inventory.footprint, Some(archive_bytes)),
+            dir: survey.dir,
+            inventory: survey.inventory,
+            archive_bytes,
+            zone: survey.zone,
+            region: survey.region,
+        })));
+    }
+    let surveyed = tokio::select! {
+        p = survey(&cloud, &options, dir, &report) => p?,
         e = signals.recv() => return Err(e.into()),
     };
-    if options.dry_run {
-        return Ok(Done::DirectDryRun(Box::new(decided)));
-    }
     let job = DirectJob {
         cloud,
         ebs: ebs::connect().await,
         options,
-        plan: decided,
+        plan: surveyed,
         report,
         run_id: new_run_id(),
         ledger: Arc::new(Ledger::default()),
@@ -89,13 +125,13 @@ pub(super) async fn run(options: Options) -> Result<Done, Failure> {
     }
 }
 
-/// The walk, the archive's exact length, and the zone, before anything is made.
-async fn decide(
+/// The walk and the zone, before anything is made.
+async fn survey(
     cloud: &AwsCloud,
     options: &Options,
     dir: std::path::PathBuf,
     report: &Reporter,
-) -> Result<DirectPlan, Error> {
+) -> Result<Survey, Error> {
     let instance_type = options
         .helper
         .launch
@@ -116,18 +152,9 @@ async fn decide(
             cloud.region
         ))
     })?;
-    let archive_bytes = dd::archive_size(&source).await?;
-    report.step(&format!("the archive will be {archive_bytes} bytes"));
-    // As for a new volume (twice the footprint), and never less than the archive needs.
-    let mut snapshot_gib = walk::volume_gib(inventory.footprint);
-    while !dd::archive_fits(archive_bytes, snapshot_gib) {
-        snapshot_gib += 1;
-    }
-    Ok(DirectPlan {
+    Ok(Survey {
         dir,
         inventory,
-        archive_bytes,
-        snapshot_gib,
         zone,
         region: cloud.region.clone(),
     })
@@ -137,7 +164,7 @@ struct DirectJob {
     cloud: AwsCloud,
     ebs: ebs::Ebs,
     options: Options,
-    plan: DirectPlan,
+    plan: Survey,
     report: Reporter,
     run_id: String,
     ledger: Arc<Ledger>,
@@ -170,36 +197,53 @@ impl DirectJob {
 
     async fn execute(&self, started: Instant) -> Result<Outcome, Error> {
         let (cloud, report, plan) = (&self.cloud, &self.report, &self.plan);
-        let kms_arn = self.options.kms_key_id.as_deref();
-        let (e, t, d, tok) = (
-            self.ebs.clone(),
-            self.backup_tags(false),
-            format!("ec2-backup run {} (direct)", self.run_id),
-            format!("ec2-backup-{}", self.run_id),
-        );
-        let size = i64::from(plan.snapshot_gib);
-        let kms = kms_arn.map(str::to_string);
-        let since = Instant::now();
-        let snapshot_id = self
-            .ledger
-            .create(
-                async move {
-                    e.start(size, &t, &d, &tok, kms.as_deref(), SNAPSHOT_TIMEOUT_MINUTES)
-                        .await
-                        .map_err(|e| crate::cloud::CloudError::new(e.action, e.message))
-                },
-                |id: &String| Resource::Snapshot(id.clone()),
-            )
-            .await?;
-        report.step(&format!(
-            "started {snapshot_id} ({} GiB); uploading {} blocks",
-            plan.snapshot_gib,
-            plan.blocks()
-        ));
         let source = method::Source::new(&plan.dir, &self.options.selection);
-        let bar = super::progress_bar(plan.archive_bytes);
-        let capacity = u64::try_from(plan.snapshot_gib).unwrap_or(0) * 2048;
-        let up = direct::upload(&self.ebs, &snapshot_id, since, &source, capacity, &bar).await?;
+        let footprint = plan.inventory.footprint;
+        // The archive's length is known only at its end; tar adds about 1.5 KiB per entry.
+        let bar = super::progress_bar(plan.inventory.data_bytes + plan.inventory.entries * 1536);
+        let mut gib = snapshot_gib(footprint, None);
+        let mut attempt = 1;
+        let (snapshot_id, up, since) = loop {
+            let since = Instant::now();
+            let snapshot_id = self.start_snapshot(gib, attempt).await?;
+            report.step(&format!(
+                "started {snapshot_id} ({gib} GiB); uploading the archive"
+            ));
+            match direct::upload(
+                &self.ebs,
+                &snapshot_id,
+                since,
+                &source,
+                gib,
+                &bar,
+            )
+            .await
+            {
+                Ok(up) => break (snapshot_id, up, since),
+                // The walk's estimate was short (large extended attributes, say): that
+                // snapshot goes, tar sizes the archive exactly, and the upload starts again
+                // into one it fits.
+                Err(method::MethodError::Outgrown) if attempt == 1 => {
+                    report.step(&format!(
+                        "the archive is larger than {snapshot_id}'s {gib} GiB; sizing it"
+                    ));
+                    snapshot::discard(cloud, &snapshot_id).await?;
+                    self.ledger.forget(&Resource::Snapshot(snapshot_id));
+                    let bytes = dd::archive_size(&source).await?;
+                    gib = snapshot_gib(footprint, Some(bytes)).max(gib + 1);
+                    report.step(&format!("the archive will be {bytes} bytes"));
+                    bar.reset();
+                    bar.set_length(bytes);
+                    attempt += 1;
+                }
+                Err(method::MethodError::Outgrown) => {
+                    return Err(Error::from(method::MethodError::Failed(format!(
+                        "the archive outgrew the snapshot's {gib} GiB while it was read (is the directory growing?)"
+                    ))))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         let retries = self.ebs.retries.load(std::sync::atomic::Ordering::Relaxed);
         report.step(&format!(
             "uploaded {} blocks ({} bytes, {retries} retried); completing",
@@ -221,7 +265,7 @@ impl DirectJob {
         let history = self.options.history;
         let volume_id = match history {
             History::SnapshotOnly => None,
-            _ => Some(self.make_volume(&snapshot_id, &done).await?),
+            _ => Some(self.make_volume(&snapshot_id, gib, &done).await?),
         };
         let snapshot_kept = history != History::Volume;
         if snapshot_kept {
@@ -237,7 +281,7 @@ impl DirectJob {
         }
         Ok(Outcome {
             volume_id: volume_id.clone().unwrap_or_default(),
-            size_gib: plan.snapshot_gib,
+            size_gib: gib,
             method: Method::Dd,
             instance_type: String::new(),
             zone: plan.zone.clone(),
@@ -251,8 +295,41 @@ impl DirectJob {
         })
     }
 
+    /// StartSnapshot of `gib`, on the ledger the moment EBS answers. The ClientToken is the
+    /// run's (one per attempt: a retried call gets the same snapshot, a bigger one a new one).
+    async fn start_snapshot(&self, gib: i32, attempt: u32) -> Result<String, Error> {
+        let token = match attempt {
+            1 => format!("ec2-backup-{}", self.run_id),
+            n => format!("ec2-backup-{}-{n}", self.run_id),
+        };
+        let (e, t, d) = (
+            self.ebs.clone(),
+            self.backup_tags(false),
+            format!("ec2-backup run {} (direct)", self.run_id),
+        );
+        let kms = self.options.kms_key_id.clone();
+        Ok(self
+            .ledger
+            .create(
+                async move {
+                    e.start(
+                        i64::from(gib),
+                        &t,
+                        &d,
+                        &token,
+                        kms.as_deref(),
+                        SNAPSHOT_TIMEOUT_MINUTES,
+                    )
+                    .await
+                    .map_err(|e| crate::cloud::CloudError::new(e.action, e.message))
+                },
+                |id: &String| Resource::Snapshot(id.clone()),
+            )
+            .await?)
+    }
+
     /// A volume from the completed snapshot, tagged as the backup, once it is available.
-    async fn make_volume(&self, snapshot_id: &str, done: &Tags) -> Result<String, Error> {
+    async fn make_volume(&self, snapshot_id: &str, gib: i32, done: &Tags) -> Result<String, Error> {
         let cloud = &self.cloud;
         let mut tags = done.clone();
         tags.push((key::CREATED_VOLUME.into(), "true".into()));
@@ -260,7 +337,7 @@ impl DirectJob {
             cloud.clone(),
             self.plan.zone.clone(),
             snapshot_id.to_string(),
-            self.plan.snapshot_gib,
+            gib,
         );
         let id = self
             .ledger

@@ -26,6 +26,9 @@ use crate::method::{MethodError, Source, Transfer};
 /// (~500 MiB/s) busy across ~60 ms of round trip, and 32 MiB of memory at most.
 pub const IN_FLIGHT: usize = 64;
 
+/// Blocks queued for the archive's SHA-256 (a few MiB, on top of those in flight).
+const HASH_QUEUE: usize = 8;
+
 /// What was uploaded.
 #[derive(Debug)]
 pub struct Uploaded {
@@ -35,16 +38,18 @@ pub struct Uploaded {
     pub linear: String,
 }
 
-/// Streams the archive of `source` into the pending snapshot `snapshot` (started at `since`),
-/// which must have room for it (`capacity_blocks`).
+/// Streams the archive of `source` into the pending snapshot `snapshot` (started at `since`)
+/// of `capacity_gib`. An archive that reaches the snapshot's end stops the upload with
+/// [`MethodError::Outgrown`]: nothing is written past it, and the caller decides.
 pub async fn upload(
     ebs: &Ebs,
     snapshot: &str,
     since: Instant,
     source: &Source,
-    capacity_blocks: u64,
+    capacity_gib: i32,
     progress: &indicatif::ProgressBar,
 ) -> Result<Uploaded, MethodError> {
+    let capacity_blocks = u64::try_from(capacity_gib).unwrap_or(0) * 2048;
     let spawn = |e| MethodError::Spawn {
         program: "tar",
         source: e,
@@ -66,82 +71,112 @@ pub async fn upload(
         .stdout
         .take()
         .ok_or_else(|| MethodError::Failed("tar's output could not be read".into()))?;
+    enlarge_pipe(&stdout);
+    // The archive's own SHA-256 (the `sha256` tag, as dd's) is one serial pass over the
+    // stream: it runs on a thread of its own, beside the reads and the blocks' digests
+    // (which the put tasks compute, in parallel), so no block is hashed twice in a row here.
+    let (to_hasher, mut hasher_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(HASH_QUEUE);
+    let hasher = std::thread::spawn(move || {
+        let mut whole = Sha256::new();
+        while let Some(b) = hasher_rx.blocking_recv() {
+            whole.update(&b);
+        }
+        whole.finalize()
+    });
     let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-    let mut puts: JoinSet<Result<(), MethodError>> = JoinSet::new();
-    let (mut whole, mut digests) = (Sha256::new(), Vec::<[u8; 32]>::new());
+    let mut puts: JoinSet<Result<(u64, [u8; 32]), MethodError>> = JoinSet::new();
+    let mut digests: Vec<Option<[u8; 32]>> = Vec::new();
     let mut bytes = 0u64;
     let failed = loop {
         // A failed put ends the upload at once.
         let mut early = None;
         while let Some(done) = puts.try_join_next() {
-            if let Err(e) = flatten(done) {
-                early = Some(e);
-                break;
+            match flatten(done) {
+                Ok((i, d)) => digests[i as usize] = Some(d),
+                Err(e) => {
+                    early = Some(e);
+                    break;
+                }
             }
         }
         if let Some(e) = early {
             break Some(e);
         }
-        let mut block = vec![0u8; BLOCK];
-        let n = match fill(&mut stdout, &mut block).await {
-            Ok(n) => n,
-            Err(e) => break Some(MethodError::Failed(format!("reading from tar failed: {e}"))),
-        };
+        let mut block = bytes::BytesMut::with_capacity(BLOCK);
+        if let Err(e) = fill(&mut stdout, &mut block).await {
+            break Some(MethodError::Failed(format!("reading from tar failed: {e}")));
+        }
+        let n = block.len();
         if n == 0 {
             break None;
         }
-        whole.update(&block[..n]);
         bytes += n as u64;
         let index = digests.len() as u64;
         if index >= capacity_blocks {
-            break Some(MethodError::Failed(format!(
-                "the archive outgrew the snapshot's {} GiB while it was read",
-                capacity_blocks / 2048
-            )));
+            break Some(MethodError::Outgrown);
         }
         // tar pads its stream to whole 1 MiB records, so every block is whole; a short one
         // (never expected) is padded with zeros, as the volume would read past the end.
-        digests.push(Sha256::digest(&block).into());
+        block.resize(BLOCK, 0);
+        let block = block.freeze();
+        if to_hasher.send(block.slice(..n)).await.is_err() {
+            break Some(MethodError::Failed("hashing the archive stopped".into()));
+        }
+        digests.push(None);
         let permit = match Arc::clone(&slots).acquire_owned().await {
             Ok(p) => p,
             Err(_) => break Some(MethodError::Failed("the upload stopped".into())),
         };
         let (ebs, id, bar) = (ebs.clone(), snapshot.to_string(), progress.clone());
         puts.spawn(async move {
-            let data = bytes::Bytes::from(block);
-            let sent = ebs.put(&id, index as i32, data, since).await;
+            let digest: [u8; 32] = Sha256::digest(&block).into();
+            let sent = ebs.put(&id, index as i32, block, &digest, since).await;
             drop(permit);
             bar.inc(n as u64);
-            sent.map_err(|e| MethodError::Failed(e.to_string()))
+            sent.map(|()| (index, digest))
+                .map_err(|e| MethodError::Failed(e.to_string()))
         });
     };
+    drop(to_hasher);
     let failed = match failed {
         Some(e) => Some(e),
         None => {
             let mut first = None;
             while let Some(done) = puts.join_next().await {
-                if let Err(e) = flatten(done) {
-                    first.get_or_insert(e);
-                    puts.abort_all();
+                match flatten(done) {
+                    Ok((i, d)) => digests[i as usize] = Some(d),
+                    Err(e) => {
+                        first.get_or_insert(e);
+                        puts.abort_all();
+                    }
                 }
             }
             first
         }
     };
     progress.finish_and_clear();
+    let whole = tokio::task::spawn_blocking(move || hasher.join())
+        .await
+        .ok()
+        .and_then(Result::ok);
     if let Some(e) = failed {
         puts.abort_all();
         let _ = tar.start_kill();
         return Err(e);
     }
     let (unreadable, torn) = finish_tar(&mut tar, messages, listed).await?;
+    let whole = whole.ok_or_else(|| MethodError::Failed("hashing the archive failed".into()))?;
+    let digests: Vec<[u8; 32]> = digests
+        .into_iter()
+        .collect::<Option<_>>()
+        .ok_or_else(|| MethodError::Failed("a block was not confirmed".into()))?;
     let linear = linear_checksum(&digests);
     Ok(Uploaded {
         blocks: digests.len() as u64,
         linear,
         transfer: Transfer {
             bytes,
-            sha256: Some(hex::encode(whole.finalize())),
+            sha256: Some(hex::encode(whole)),
             incomplete: unreadable || !torn.is_empty(),
             changed: torn,
             wire: None,
@@ -159,22 +194,36 @@ pub fn linear_checksum(digests: &[[u8; 32]]) -> String {
     base64::engine::general_purpose::STANDARD.encode(h.finalize())
 }
 
-fn flatten(
-    done: Result<Result<(), MethodError>, tokio::task::JoinError>,
-) -> Result<(), MethodError> {
+fn flatten<T>(
+    done: Result<Result<T, MethodError>, tokio::task::JoinError>,
+) -> Result<T, MethodError> {
     done.map_err(|e| MethodError::Failed(format!("an upload task failed: {e}")))?
 }
 
-/// Reads until `buf` is full or the stream ends; returns how much was read.
-async fn fill(from: &mut tokio::process::ChildStdout, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match from.read(&mut buf[n..]).await? {
-            0 => break,
-            k => n += k,
+/// Reads until `buf` holds a whole block or the stream ends (no zero-filling first).
+async fn fill(
+    from: &mut tokio::process::ChildStdout,
+    buf: &mut bytes::BytesMut,
+) -> std::io::Result<()> {
+    while buf.len() < BLOCK {
+        if from.read_buf(buf).await? == 0 {
+            break;
         }
     }
-    Ok(n)
+    Ok(())
+}
+
+/// A bigger pipe from tar (4 MiB, or 1 MiB where the system caps it), so tar keeps writing
+/// while a block is being dispatched instead of waiting on 64 KiB. A refusal only costs speed.
+fn enlarge_pipe(stdout: &tokio::process::ChildStdout) {
+    use std::os::fd::AsRawFd;
+    let fd = stdout.as_raw_fd();
+    for size in [4 << 20, 1 << 20] {
+        // SAFETY: F_SETPIPE_SZ on a pipe this process owns; no memory is passed.
+        if unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, size) } >= 0 {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]
