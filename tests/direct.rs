@@ -144,14 +144,8 @@ fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
     let n = std::ffi::CString::new(name).unwrap();
     let mut buf = vec![0u8; 1 << 16];
-    let len = unsafe {
-        libc::lgetxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
+    let len =
+        unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     (len >= 0).then(|| {
         buf.truncate(len as usize);
         buf

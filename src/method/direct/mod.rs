@@ -83,6 +83,7 @@ pub async fn upload(
         }
         whole.finalize()
     });
+    let pool = Pool::default();
     let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let mut puts: JoinSet<Result<(u64, [u8; 32]), MethodError>> = JoinSet::new();
     let mut digests: Vec<Option<[u8; 32]>> = Vec::new();
@@ -102,14 +103,12 @@ pub async fn upload(
         if let Some(e) = early {
             break Some(e);
         }
-        let mut block = bytes::BytesMut::with_capacity(BLOCK);
-        if let Err(e) = fill(&mut stdout, &mut block).await {
-            break Some(MethodError::Failed(format!("reading from tar failed: {e}")));
-        }
-        let n = block.len();
-        if n == 0 {
-            break None;
-        }
+        let mut block = pool.take();
+        let n = match fill(&mut stdout, &mut block).await {
+            Ok(0) => break None,
+            Ok(n) => n,
+            Err(e) => break Some(MethodError::Failed(format!("reading from tar failed: {e}"))),
+        };
         bytes += n as u64;
         let index = digests.len() as u64;
         if index >= capacity_blocks {
@@ -117,8 +116,8 @@ pub async fn upload(
         }
         // tar pads its stream to whole 1 MiB records, so every block is whole; a short one
         // (never expected) is padded with zeros, as the volume would read past the end.
-        block.resize(BLOCK, 0);
-        let block = block.freeze();
+        block[n..].fill(0);
+        let block = pool.share(block);
         if to_hasher.send(block.slice(..n)).await.is_err() {
             break Some(MethodError::Failed("hashing the archive stopped".into()));
         }
@@ -200,17 +199,58 @@ fn flatten<T>(
     done.map_err(|e| MethodError::Failed(format!("an upload task failed: {e}")))?
 }
 
-/// Reads until `buf` holds a whole block or the stream ends (no zero-filling first).
-async fn fill(
-    from: &mut tokio::process::ChildStdout,
-    buf: &mut bytes::BytesMut,
-) -> std::io::Result<()> {
-    while buf.len() < BLOCK {
-        if from.read_buf(buf).await? == 0 {
-            break;
+/// Reads until `buf` is full or the stream ends; returns how much was read.
+async fn fill(from: &mut tokio::process::ChildStdout, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match from.read(&mut buf[n..]).await? {
+            0 => break,
+            k => n += k,
         }
     }
-    Ok(())
+    Ok(n)
+}
+
+/// Block buffers, reused: a block's memory comes back once its last user (its put, the
+/// archive's hasher) lets go of it. A run allocates (and the kernel faults in and zeroes)
+/// about `IN_FLIGHT + HASH_QUEUE` buffers once, instead of one per block.
+#[derive(Clone, Default)]
+struct Pool(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl Pool {
+    /// A block-sized buffer; a reused one holds an earlier block's bytes.
+    fn take(&self) -> Vec<u8> {
+        let reused = self.0.lock().ok().and_then(|mut free| free.pop());
+        reused.unwrap_or_else(|| vec![0u8; BLOCK])
+    }
+
+    /// The buffer as shareable bytes that return to the pool when the last copy goes.
+    fn share(&self, buf: Vec<u8>) -> bytes::Bytes {
+        bytes::Bytes::from_owner(Pooled {
+            buf,
+            pool: self.clone(),
+        })
+    }
+}
+
+struct Pooled {
+    buf: Vec<u8>,
+    pool: Pool,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        if let Ok(mut free) = self.pool.0.lock() {
+            free.push(buf);
+        }
+    }
 }
 
 /// A bigger pipe from tar (4 MiB, or 1 MiB where the system caps it), so tar keeps writing
@@ -229,6 +269,23 @@ fn enlarge_pipe(stdout: &tokio::process::ChildStdout) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_block_buffer_returns_to_the_pool_when_its_last_copy_goes() {
+        let pool = Pool::default();
+        let buf = pool.take();
+        assert_eq!(buf.len(), BLOCK);
+        let at = buf.as_ptr();
+        let shared = pool.share(buf);
+        let for_hasher = shared.slice(..10);
+        drop(shared);
+        // Still held by the hasher's copy: a new buffer.
+        let other = pool.take();
+        assert_ne!(other.as_ptr(), at);
+        drop(for_hasher);
+        let again = pool.take();
+        assert_eq!((again.as_ptr(), again.len()), (at, BLOCK));
+    }
 
     #[test]
     fn linear_is_the_hash_of_the_digests_in_order() {
