@@ -10,7 +10,7 @@
 pub mod read;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use sha2::{Digest, Sha256};
@@ -22,12 +22,65 @@ use crate::helper::ssh::detach_from_terminal_signals;
 use crate::method::archive::{finish_tar, tar_command, watch_tar_messages, Archive};
 use crate::method::{MethodError, Source, Transfer};
 
-/// Blocks in flight at once: enough to keep AWS's 1,000 PutSnapshotBlock/s per snapshot
-/// (~500 MiB/s) busy across ~60 ms of round trip, and 32 MiB of memory at most.
+/// Blocks in flight at once to begin with: enough to keep AWS's 1,000 PutSnapshotBlock/s per
+/// snapshot (~500 MiB/s) busy across ~60 ms of round trip, in 32 MiB of memory. Reads keep
+/// this many.
 pub const IN_FLIGHT: usize = 64;
+
+/// The most blocks an upload has in flight (48 MiB) when the link's round trip is long: 960
+/// puts/s across 100 ms, with the process's peak memory near 80 MiB (128 would near 100).
+pub const MAX_IN_FLIGHT: usize = 96;
+
+/// AWS's PutSnapshotBlock limit per snapshot, per second.
+const PUTS_PER_SECOND: f64 = 1000.0;
+
+/// Puts per look at the round trip.
+const WINDOW: usize = 32;
+
+/// How many blocks go at once: [`IN_FLIGHT`], raised (never lowered) up to [`MAX_IN_FLIGHT`]
+/// when the link's round trip needs more to reach AWS's rate (Little's law: in flight = rate
+/// x round trip). The round trip is the quickest put of the last [`WINDOW`]: a run that is
+/// bound by this machine's CPU has its puts wait here, and more of them in flight would only
+/// hold more memory; a throttled put's backoff is never the quickest.
+#[derive(Debug)]
+struct Concurrency {
+    now: usize,
+    quickest: Duration,
+    seen: usize,
+}
+
+impl Default for Concurrency {
+    fn default() -> Self {
+        Concurrency {
+            now: IN_FLIGHT,
+            quickest: Duration::MAX,
+            seen: 0,
+        }
+    }
+}
+
+impl Concurrency {
+    /// Takes one put's time; returns how many more may go at once from now on.
+    fn observe(&mut self, took: Duration) -> usize {
+        self.quickest = self.quickest.min(took);
+        self.seen += 1;
+        if self.seen < WINDOW {
+            return 0;
+        }
+        let want = (PUTS_PER_SECOND * self.quickest.as_secs_f64()).ceil() as usize;
+        let want = want.clamp(IN_FLIGHT, MAX_IN_FLIGHT);
+        (self.quickest, self.seen) = (Duration::MAX, 0);
+        let more = want.saturating_sub(self.now);
+        self.now += more;
+        more
+    }
+}
 
 /// Blocks queued for the archive's SHA-256 (a few MiB, on top of those in flight).
 const HASH_QUEUE: usize = 8;
+
+/// A block written: its index, its SHA-256, and how long its put took.
+type Sent = (u64, [u8; 32], Duration);
 
 /// What was uploaded.
 #[derive(Debug)]
@@ -85,7 +138,8 @@ pub async fn upload(
     });
     let pool = Pool::default();
     let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-    let mut puts: JoinSet<Result<(u64, [u8; 32]), MethodError>> = JoinSet::new();
+    let mut puts: JoinSet<Result<Sent, MethodError>> = JoinSet::new();
+    let mut concurrency = Concurrency::default();
     let mut digests: Vec<Option<[u8; 32]>> = Vec::new();
     let mut bytes = 0u64;
     let failed = loop {
@@ -93,7 +147,14 @@ pub async fn upload(
         let mut early = None;
         while let Some(done) = puts.try_join_next() {
             match flatten(done) {
-                Ok((i, d)) => digests[i as usize] = Some(d),
+                Ok((i, d, took)) => {
+                    digests[i as usize] = Some(d);
+                    let more = concurrency.observe(took);
+                    if more > 0 {
+                        tracing::debug!(in_flight = concurrency.now, "more blocks in flight");
+                        slots.add_permits(more);
+                    }
+                }
                 Err(e) => {
                     early = Some(e);
                     break;
@@ -129,10 +190,12 @@ pub async fn upload(
         let (ebs, id, bar) = (ebs.clone(), snapshot.to_string(), progress.clone());
         puts.spawn(async move {
             let digest: [u8; 32] = Sha256::digest(&block).into();
+            let put = Instant::now();
             let sent = ebs.put(&id, index as i32, block, &digest, since).await;
+            let took = put.elapsed();
             drop(permit);
             bar.inc(n as u64);
-            sent.map(|()| (index, digest))
+            sent.map(|()| (index, digest, took))
                 .map_err(|e| MethodError::Failed(e.to_string()))
         });
     };
@@ -143,7 +206,7 @@ pub async fn upload(
             let mut first = None;
             while let Some(done) = puts.join_next().await {
                 match flatten(done) {
-                    Ok((i, d)) => digests[i as usize] = Some(d),
+                    Ok((i, d, _)) => digests[i as usize] = Some(d),
                     Err(e) => {
                         first.get_or_insert(e);
                         puts.abort_all();
@@ -269,6 +332,31 @@ fn enlarge_pipe(stdout: &tokio::process::ChildStdout) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn more_blocks_go_at_once_only_when_the_round_trip_needs_them() {
+        let ms = Duration::from_millis;
+        let window = |c: &mut Concurrency, quickest: u64, typical: u64| -> usize {
+            let mut more = c.observe(ms(quickest));
+            for _ in 1..WINDOW {
+                more += c.observe(ms(typical));
+            }
+            more
+        };
+        // 50 ms: 64 keep 1,000/s busy, however long the queued puts take.
+        let mut c = Concurrency::default();
+        assert_eq!(window(&mut c, 52, 140), 0);
+        assert_eq!(c.now, IN_FLIGHT);
+        // 80 ms: 80 needed; never past the cap, never lowered.
+        assert_eq!(window(&mut c, 80, 160), 16);
+        assert_eq!(c.now, 80);
+        assert_eq!(window(&mut c, 300, 400), MAX_IN_FLIGHT - 80);
+        assert_eq!(window(&mut c, 5, 5), 0);
+        assert_eq!(c.now, MAX_IN_FLIGHT);
+        // Nothing changes before a window is full.
+        let mut d = Concurrency::default();
+        assert_eq!(d.observe(ms(500)), 0);
+    }
 
     #[test]
     fn a_block_buffer_returns_to_the_pool_when_its_last_copy_goes() {
