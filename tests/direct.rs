@@ -208,6 +208,41 @@ fn an_archive_larger_than_the_walk_says_goes_into_a_bigger_snapshot() {
 }
 
 #[test]
+fn a_sparse_file_is_sized_by_tar_before_the_snapshot_is_started() {
+    // 3 GiB long, 1 MiB of data: the footprint asks for 1 GiB, and only tar knows that its
+    // archive (holes left out) fits.
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let f = fs::File::create(src.join("sparse.img")).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&tree::noise(1 << 20, 9), 2 << 30).unwrap();
+    f.set_len(3 << 30).unwrap();
+    drop(f);
+    let r = run(ec2_backup()
+        .env("EC2_BACKUP_VERBOSE", "1")
+        .args(["--direct", "--snapshot-only"])
+        .arg(&src));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("sparse or compressed"), "{}", r.stderr);
+    assert!(
+        !r.stderr.contains("sizing it"),
+        "no second snapshot: {}",
+        r.stderr
+    );
+    let snap = r.stdout.trim().to_string();
+    let info = snapshot(&snap).unwrap();
+    assert_eq!(info["size"], 1, "{info}");
+    let into = s.path().join("x");
+    extract(&snapshot_file(&snap), &into);
+    let back = fs::File::open(into.join("sparse.img")).unwrap();
+    assert_eq!(back.metadata().unwrap().len(), 3 << 30);
+    let mut data = vec![0u8; 1 << 20];
+    back.read_exact_at(&mut data, 2 << 30).unwrap();
+    assert!(data == tree::noise(1 << 20, 9), "the data past the hole");
+}
+
+#[test]
 fn throttled_and_failing_block_writes_are_absorbed() {
     let s = scratch();
     let src = s.path().join("src");

@@ -46,6 +46,9 @@ pub struct Inventory {
     pub entries: u64,
     /// Bytes of file data, sparse holes and repeated hard links left out.
     pub data_bytes: u64,
+    /// Bytes of regular files' lengths that hold no allocated block: holes, or data that a
+    /// compressing filesystem (ZFS) stores in fewer blocks. tar stores the latter in full.
+    pub unallocated: u64,
     /// A conservative estimate of the space the backup takes on the volume, in either
     /// format: data rounded up to 4 KiB blocks, plus 4 KiB per directory (an ext4 directory
     /// block) and 2 KiB per other entry (a pax archive's header pair is 1.5 KiB).
@@ -200,6 +203,7 @@ pub fn inventory(rules: &Rules) -> Result<Inventory, PlanError> {
         inv.entries += part.inv.entries;
         inv.footprint += part.inv.footprint;
         inv.data_bytes += part.inv.data_bytes;
+        inv.unallocated += part.inv.unallocated;
         inv.largest = inv.largest.max(part.inv.largest);
         inv.skipped.extend(part.inv.skipped);
         inv.excluded.extend(part.inv.excluded);
@@ -346,6 +350,7 @@ fn read_one(rules: &Rules, dir: &Path, part: &mut Part, found: &mut Vec<PathBuf>
                 continue;
             };
             let used = (meta.blocks() * 512).min(meta.len());
+            inv.unallocated += meta.len() - used;
             inv.largest = inv.largest.max(used);
             if meta.nlink() > 1 {
                 part.links.push(((meta.dev(), meta.ino()), used));

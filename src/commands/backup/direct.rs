@@ -84,11 +84,12 @@ pub(super) async fn run(options: Options) -> Result<Done, Failure> {
         .with_kms_key(options.kms_key_id.clone());
     let source = method::Source::new(&dir, &options.selection);
     if options.dry_run {
+        // A survey that fails (no zone, no credentials) does not wait for tar's pass.
+        let sized = async { dd::archive_size(&source).await.map_err(Error::from) };
         let (survey, archive_bytes) = tokio::select! {
-            p = async { tokio::join!(survey(&cloud, &options, dir, &report), dd::archive_size(&source)) } => p,
+            p = async { tokio::try_join!(survey(&cloud, &options, dir, &report), sized) } => p?,
             e = signals.recv() => return Err(e.into()),
         };
-        let (survey, archive_bytes) = (survey?, archive_bytes.map_err(Error::from)?);
         return Ok(Done::DirectDryRun(Box::new(DirectPlan {
             snapshot_gib: snapshot_gib(survey.inventory.footprint, Some(archive_bytes)),
             dir: survey.dir,
@@ -201,7 +202,20 @@ impl DirectJob {
         let footprint = plan.inventory.footprint;
         // The archive's length is known only at its end; tar adds about 1.5 KiB per entry.
         let bar = super::progress_bar(plan.inventory.data_bytes + plan.inventory.entries * 1536);
-        let mut gib = snapshot_gib(footprint, None);
+        // Sparse or compressed files can hold more than the footprint says: when their full
+        // length could overflow the walk's size, tar sizes the archive first.
+        let inv = &plan.inventory;
+        let bound = inv.data_bytes + inv.unallocated + inv.entries * 2048;
+        let exact = if dd::archive_fits(bound, snapshot_gib(footprint, None)) {
+            None
+        } else {
+            report.step("the tree has sparse or compressed files; sizing the archive");
+            let bytes = dd::archive_size(&source).await?;
+            report.step(&format!("the archive will be {bytes} bytes"));
+            bar.set_length(bytes);
+            Some(bytes)
+        };
+        let mut gib = snapshot_gib(footprint, exact);
         let mut attempt = 1;
         let (snapshot_id, up, since) = loop {
             let since = Instant::now();

@@ -2,8 +2,9 @@
 //! 512 KiB snapshot blocks through the EBS direct APIs, with no instance.
 //!
 //! tar runs here; its stream is cut into blocks as it comes, each block hashed and sent by
-//! one of at most [`IN_FLIGHT`] concurrent PutSnapshotBlock calls (memory stays at that many
-//! blocks); every block of the archive is written, zeros too (an unwritten block of an
+//! one of [`IN_FLIGHT`] to [`MAX_IN_FLIGHT`] concurrent PutSnapshotBlock calls. Memory stays
+//! at that many blocks, plus [`HASH_QUEUE`] waiting for the archive's hash and two being
+//! read or waiting for a slot (about 54 MiB at most); every block of the archive is written, zeros too (an unwritten block of an
 //! encrypted snapshot reads back as garbage), and nothing past its end. The LINEAR checksum
 //! for CompleteSnapshot is the SHA-256 of the blocks' SHA-256 digests in index order.
 
@@ -41,12 +42,15 @@ const WINDOW: usize = 32;
 /// when the link's round trip needs more to reach AWS's rate (Little's law: in flight = rate
 /// x round trip). The round trip is the quickest put of the last [`WINDOW`]: a run that is
 /// bound by this machine's CPU has its puts wait here, and more of them in flight would only
-/// hold more memory; a throttled put's backoff is never the quickest.
+/// hold more memory; a throttled put's backoff is never the quickest. The first
+/// [`IN_FLIGHT`] puts are not looked at: each opened its own connection (TCP and TLS
+/// handshakes, slow start), which says nothing of the round trip after.
 #[derive(Debug)]
 struct Concurrency {
     now: usize,
     quickest: Duration,
     seen: usize,
+    warming: usize,
 }
 
 impl Default for Concurrency {
@@ -55,6 +59,7 @@ impl Default for Concurrency {
             now: IN_FLIGHT,
             quickest: Duration::MAX,
             seen: 0,
+            warming: IN_FLIGHT,
         }
     }
 }
@@ -62,6 +67,10 @@ impl Default for Concurrency {
 impl Concurrency {
     /// Takes one put's time; returns how many more may go at once from now on.
     fn observe(&mut self, took: Duration) -> usize {
+        if self.warming > 0 {
+            self.warming -= 1;
+            return 0;
+        }
         self.quickest = self.quickest.min(took);
         self.seen += 1;
         if self.seen < WINDOW {
@@ -276,7 +285,8 @@ async fn fill(from: &mut tokio::process::ChildStdout, buf: &mut [u8]) -> std::io
 
 /// Block buffers, reused: a block's memory comes back once its last user (its put, the
 /// archive's hasher) lets go of it. A run allocates (and the kernel faults in and zeroes)
-/// about `IN_FLIGHT + HASH_QUEUE` buffers once, instead of one per block.
+/// as many buffers as are ever alive at once (see the module's head), instead of one per
+/// block.
 #[derive(Clone, Default)]
 struct Pool(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
 
@@ -343,8 +353,12 @@ mod tests {
             }
             more
         };
-        // 50 ms: 64 keep 1,000/s busy, however long the queued puts take.
+        // The first puts (new connections) say nothing, however slow.
         let mut c = Concurrency::default();
+        for _ in 0..IN_FLIGHT {
+            assert_eq!(c.observe(ms(900)), 0);
+        }
+        // 50 ms: 64 keep 1,000/s busy, however long the queued puts take.
         assert_eq!(window(&mut c, 52, 140), 0);
         assert_eq!(c.now, IN_FLIGHT);
         // 80 ms: 80 needed; never past the cap, never lowered.
@@ -354,8 +368,14 @@ mod tests {
         assert_eq!(window(&mut c, 5, 5), 0);
         assert_eq!(c.now, MAX_IN_FLIGHT);
         // Nothing changes before a window is full.
-        let mut d = Concurrency::default();
-        assert_eq!(d.observe(ms(500)), 0);
+        let mut d = Concurrency {
+            warming: 0,
+            ..Concurrency::default()
+        };
+        for _ in 1..WINDOW {
+            assert_eq!(d.observe(ms(500)), 0);
+        }
+        assert_eq!(d.observe(ms(500)), MAX_IN_FLIGHT - IN_FLIGHT);
     }
 
     #[test]
