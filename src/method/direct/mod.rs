@@ -133,7 +133,7 @@ pub async fn upload(
         .stdout
         .take()
         .ok_or_else(|| MethodError::Failed("tar's output could not be read".into()))?;
-    enlarge_pipe(&stdout);
+    crate::method::widen_pipe(&stdout);
     // The archive's own SHA-256 (the `sha256` tag, as dd's) is one serial pass over the
     // stream: it runs on a thread of its own, beside the reads and the blocks' digests
     // (which the put tasks compute, in parallel), so no block is hashed twice in a row here.
@@ -322,19 +322,6 @@ impl Drop for Pooled {
         let buf = std::mem::take(&mut self.buf);
         if let Ok(mut free) = self.pool.0.lock() {
             free.push(buf);
-        }
-    }
-}
-
-/// A bigger pipe from tar (4 MiB, or 1 MiB where the system caps it), so tar keeps writing
-/// while a block is being dispatched instead of waiting on 64 KiB. A refusal only costs speed.
-fn enlarge_pipe(stdout: &tokio::process::ChildStdout) {
-    use std::os::fd::AsRawFd;
-    let fd = stdout.as_raw_fd();
-    for size in [4 << 20, 1 << 20] {
-        // SAFETY: F_SETPIPE_SZ on a pipe this process owns; no memory is passed.
-        if unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, size) } >= 0 {
-            return;
         }
     }
 }
