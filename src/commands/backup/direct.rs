@@ -45,7 +45,8 @@ pub struct DirectPlan {
 
 /// What the walk and EC2 say before anything is made. A run sizes its snapshot from the
 /// walk and starts the upload at once: tar's exact sizing pass (a walk of its own) is made
-/// only for `--dry-run`, or when the archive turns out larger than that snapshot.
+/// only for `--dry-run`, for a tree of sparse or compressed files, or when the archive turns
+/// out larger than that snapshot.
 #[derive(Debug, Clone)]
 struct Survey {
     dir: std::path::PathBuf,
@@ -204,8 +205,7 @@ impl DirectJob {
         let bar = super::progress_bar(plan.inventory.data_bytes + plan.inventory.entries * 1536);
         // Sparse or compressed files can hold more than the footprint says: when their full
         // length could overflow the walk's size, tar sizes the archive first.
-        let inv = &plan.inventory;
-        let bound = inv.data_bytes + inv.unallocated + inv.entries * 2048;
+        let bound = footprint + plan.inventory.unallocated;
         let exact = if dd::archive_fits(bound, snapshot_gib(footprint, None)) {
             None
         } else {
