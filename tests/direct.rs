@@ -272,6 +272,28 @@ fn throttled_and_failing_block_writes_are_absorbed() {
     assert!(r.stderr.contains("retried"), "{}", r.stderr);
 }
 
+/// tar starts beside the walk and StartSnapshot, its first blocks read ahead: a refused
+/// StartSnapshot stops it and fails the run in one sentence, with nothing made.
+#[test]
+fn a_refused_start_snapshot_stops_the_upload_already_reading() {
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir(&src).unwrap();
+    // More than the blocks read ahead and the pipe hold: tar is left waiting on them.
+    fs::write(src.join("noise"), tree::noise(48 << 20, 3)).unwrap();
+    let (volumes, snapshots) = (volume_ids(), status()["snapshots"].clone());
+    let faults = Faults::new();
+    faults.api("StartSnapshot", "AccessDeniedException", 1);
+    let r = run(ec2_backup().args(["--direct", "--snapshot-only"]).arg(&src));
+    let left = faults.armed("StartSnapshot");
+    drop(faults);
+    let said = r.refused();
+    assert_eq!(left, 0, "StartSnapshot was called");
+    assert!(said.contains("StartSnapshot"), "{said}");
+    assert_eq!(status()["snapshots"], snapshots, "no snapshot made");
+    assert_eq!(volume_ids(), volumes, "no volume made");
+}
+
 #[test]
 fn sigint_mid_upload_leaves_no_volume_and_no_completed_snapshot() {
     let s = scratch();

@@ -100,15 +100,11 @@ pub(super) async fn run(options: Options) -> Result<Done, Failure> {
             region: survey.region,
         })));
     }
-    let surveyed = tokio::select! {
-        p = survey(&cloud, &options, dir, &report) => p?,
-        e = signals.recv() => return Err(e.into()),
-    };
     let job = DirectJob {
         cloud,
         ebs: ebs::connect().await,
         options,
-        plan: surveyed,
+        dir,
         report,
         run_id: new_run_id(),
         ledger: Arc::new(Ledger::default()),
@@ -166,7 +162,7 @@ struct DirectJob {
     cloud: AwsCloud,
     ebs: ebs::Ebs,
     options: Options,
-    plan: Survey,
+    dir: std::path::PathBuf,
     report: Reporter,
     run_id: String,
     ledger: Arc<Ledger>,
@@ -175,7 +171,7 @@ struct DirectJob {
 impl DirectJob {
     fn backup_tags(&self, completed: bool) -> Tags {
         let host = hostname();
-        let dir = truncate(&self.plan.dir.to_string_lossy(), 255);
+        let dir = truncate(&self.dir.to_string_lossy(), 255);
         let mut tags = run_tags(&self.run_id);
         tags.extend(
             crate::tags::selection(&self.options.selection)
@@ -185,7 +181,7 @@ impl DirectJob {
         tags.extend([
             (key::SOURCE_HOST.to_string(), host.clone()),
             (key::SOURCE_DIR.to_string(), dir.clone()),
-            (key::SOURCE_DIR_HASH.to_string(), dir_hash(&self.plan.dir)),
+            (key::SOURCE_DIR_HASH.to_string(), dir_hash(&self.dir)),
             (key::METHOD.to_string(), Method::Dd.as_str().to_string()),
             (key::DIRECT.to_string(), "true".to_string()),
             (key::COMPLETED.to_string(), completed.to_string()),
@@ -198,66 +194,89 @@ impl DirectJob {
     }
 
     async fn execute(&self, started: Instant) -> Result<Outcome, Error> {
-        let (cloud, report, plan) = (&self.cloud, &self.report, &self.plan);
-        let source = method::Source::new(&plan.dir, &self.options.selection);
-        let footprint = plan.inventory.footprint;
-        // The archive's length is known only at its end; tar adds about 1.5 KiB per entry.
-        let bar = super::progress_bar(plan.inventory.data_bytes + plan.inventory.entries * 1536);
-        // Sparse or compressed files can hold more than the footprint says: when their full
-        // length could overflow the walk's size, tar sizes the archive first.
-        let bound = footprint + plan.inventory.unallocated;
-        let exact = if dd::archive_fits(bound, snapshot_gib(footprint, None)) {
-            None
-        } else {
-            report.step("the tree has sparse or compressed files; sizing the archive");
-            let bytes = dd::archive_size(&source).await?;
-            report.step(&format!("the archive will be {bytes} bytes"));
-            bar.set_length(bytes);
-            Some(bytes)
+        let (cloud, report) = (&self.cloud, &self.report);
+        let source = method::Source::new(&self.dir, &self.options.selection);
+        let bar = super::progress_bar(0);
+        // tar starts with the walk: its first blocks are read and hashed while the walk sizes
+        // the snapshot and StartSnapshot answers, instead of after.
+        let (aim, aimed) = tokio::sync::watch::channel(None);
+        let mut early = Box::pin(direct::upload(&self.ebs, aimed, &source, &bar));
+        let begun = async {
+            let plan = survey(cloud, &self.options, self.dir.clone(), report).await?;
+            let inventory = &plan.inventory;
+            // The archive's length is known only at its end; tar adds ~1.5 KiB per entry.
+            bar.set_length(inventory.data_bytes + inventory.entries * 1536);
+            // Sparse or compressed files can hold more than the footprint says: when their
+            // full length could overflow the walk's size, tar sizes the archive first.
+            let gib = snapshot_gib(inventory.footprint, None);
+            if !dd::archive_fits(inventory.footprint + inventory.unallocated, gib) {
+                return Ok((plan, None));
+            }
+            let target = self.start_snapshot(gib, 1).await?;
+            aim.send_replace(Some(target.clone()));
+            Ok::<_, Error>((plan, Some(target)))
         };
-        let mut gib = snapshot_gib(footprint, exact);
+        let (plan, target) = tokio::select! {
+            b = begun => b?,
+            // Only a failure ends an upload whose snapshot is not started.
+            u = &mut early => return Err(match u {
+                Err(e) => e.into(),
+                Ok(_) => method::MethodError::Failed("the upload ended before its snapshot was started".into()).into(),
+            }),
+        };
+        let footprint = plan.inventory.footprint;
         let mut attempt = 1;
-        let (snapshot_id, up, since) = loop {
-            let since = Instant::now();
-            let snapshot_id = self.start_snapshot(gib, attempt).await?;
-            report.step(&format!(
-                "started {snapshot_id} ({gib} GiB); uploading the archive"
-            ));
-            match direct::upload(
-                &self.ebs,
-                &snapshot_id,
-                since,
-                &source,
-                gib,
-                &bar,
-            )
-            .await
-            {
-                Ok(up) => break (snapshot_id, up, since),
+        let (mut target, mut uploaded) = match target {
+            Some(t) => (t, early.await),
+            None => {
+                drop(early); // its tar goes
+                report.step("the tree has sparse or compressed files; sizing the archive");
+                let bytes = dd::archive_size(&source).await?;
+                report.step(&format!("the archive will be {bytes} bytes"));
+                bar.set_length(bytes);
+                let t = self
+                    .start_snapshot(snapshot_gib(footprint, Some(bytes)), attempt)
+                    .await?;
+                let up = direct::upload(&self.ebs, t.clone().aim(), &source, &bar).await;
+                (t, up)
+            }
+        };
+        let up = loop {
+            match uploaded {
+                Ok(up) => break up,
                 // The walk's estimate was short (large extended attributes, say): that
                 // snapshot goes, tar sizes the archive exactly, and the upload starts again
                 // into one it fits.
                 Err(method::MethodError::Outgrown) if attempt == 1 => {
+                    let (id, gib) = (&target.snapshot, target.capacity_gib);
                     report.step(&format!(
-                        "the archive is larger than {snapshot_id}'s {gib} GiB; sizing it"
+                        "the archive is larger than {id}'s {gib} GiB; sizing it"
                     ));
-                    snapshot::discard(cloud, &snapshot_id).await?;
-                    self.ledger.forget(&Resource::Snapshot(snapshot_id));
+                    snapshot::discard(cloud, id).await?;
+                    self.ledger.forget(&Resource::Snapshot(id.clone()));
                     let bytes = dd::archive_size(&source).await?;
-                    gib = snapshot_gib(footprint, Some(bytes)).max(gib + 1);
                     report.step(&format!("the archive will be {bytes} bytes"));
                     bar.reset();
                     bar.set_length(bytes);
                     attempt += 1;
+                    let gib = snapshot_gib(footprint, Some(bytes)).max(gib + 1);
+                    target = self.start_snapshot(gib, attempt).await?;
+                    uploaded = direct::upload(&self.ebs, target.clone().aim(), &source, &bar).await;
                 }
                 Err(method::MethodError::Outgrown) => {
                     return Err(Error::from(method::MethodError::Failed(format!(
-                        "the archive outgrew the snapshot's {gib} GiB while it was read (is the directory growing?)"
+                        "the archive outgrew the snapshot's {} GiB while it was read (is the directory growing?)",
+                        target.capacity_gib
                     ))))
                 }
                 Err(e) => return Err(e.into()),
             }
         };
+        let direct::Target {
+            snapshot: snapshot_id,
+            since,
+            capacity_gib: gib,
+        } = target;
         let retries = self.ebs.retries.load(std::sync::atomic::Ordering::Relaxed);
         report.step(&format!(
             "uploaded {} blocks ({} bytes, {retries} retried); completing",
@@ -279,7 +298,10 @@ impl DirectJob {
         let history = self.options.history;
         let volume_id = match history {
             History::SnapshotOnly => None,
-            _ => Some(self.make_volume(&snapshot_id, gib, &done).await?),
+            _ => Some(
+                self.make_volume(&plan.zone, &snapshot_id, gib, &done)
+                    .await?,
+            ),
         };
         let snapshot_kept = history != History::Volume;
         if snapshot_kept {
@@ -299,7 +321,7 @@ impl DirectJob {
             method: Method::Dd,
             instance_type: String::new(),
             zone: plan.zone.clone(),
-            region: plan.region.clone(),
+            region: plan.region,
             seconds: started.elapsed().as_secs_f64(),
             transfer: up.transfer,
             snapshot_id: snapshot_kept.then_some(snapshot_id),
@@ -311,7 +333,7 @@ impl DirectJob {
 
     /// StartSnapshot of `gib`, on the ledger the moment EBS answers. The ClientToken is the
     /// run's (one per attempt: a retried call gets the same snapshot, a bigger one a new one).
-    async fn start_snapshot(&self, gib: i32, attempt: u32) -> Result<String, Error> {
+    async fn start_snapshot(&self, gib: i32, attempt: u32) -> Result<direct::Target, Error> {
         let token = match attempt {
             1 => format!("ec2-backup-{}", self.run_id),
             n => format!("ec2-backup-{}-{n}", self.run_id),
@@ -322,7 +344,8 @@ impl DirectJob {
             format!("ec2-backup run {} (direct)", self.run_id),
         );
         let kms = self.options.kms_key_id.clone();
-        Ok(self
+        let since = Instant::now();
+        let snapshot = self
             .ledger
             .create(
                 async move {
@@ -339,17 +362,31 @@ impl DirectJob {
                 },
                 |id: &String| Resource::Snapshot(id.clone()),
             )
-            .await?)
+            .await?;
+        self.report.step(&format!(
+            "started {snapshot} ({gib} GiB); uploading the archive"
+        ));
+        Ok(direct::Target {
+            snapshot,
+            since,
+            capacity_gib: gib,
+        })
     }
 
     /// A volume from the completed snapshot, tagged as the backup, once it is available.
-    async fn make_volume(&self, snapshot_id: &str, gib: i32, done: &Tags) -> Result<String, Error> {
+    async fn make_volume(
+        &self,
+        zone: &str,
+        snapshot_id: &str,
+        gib: i32,
+        done: &Tags,
+    ) -> Result<String, Error> {
         let cloud = &self.cloud;
         let mut tags = done.clone();
         tags.push((key::CREATED_VOLUME.into(), "true".into()));
         let (c, zone, snap, gib) = (
             cloud.clone(),
-            self.plan.zone.clone(),
+            zone.to_string(),
             snapshot_id.to_string(),
             gib,
         );

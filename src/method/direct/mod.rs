@@ -1,7 +1,8 @@
 //! `--direct`: the dd archive (the same tar stream, from byte 0) written straight into
 //! 512 KiB snapshot blocks through the EBS direct APIs, with no instance.
 //!
-//! tar runs here; its stream is cut into blocks as it comes, each block hashed and sent by
+//! tar runs here, from before the snapshot is started (see [`Aim`]); its stream is cut into
+//! blocks as it comes, each block hashed and sent by
 //! one of [`IN_FLIGHT`] to [`MAX_IN_FLIGHT`] concurrent PutSnapshotBlock calls. Memory stays
 //! at that many blocks, plus [`HASH_QUEUE`] waiting for the archive's hash and two being
 //! read or waiting for a slot (about 54 MiB at most); every block of the archive is written, zeros too (an unwritten block of an
@@ -100,18 +101,54 @@ pub struct Uploaded {
     pub linear: String,
 }
 
-/// Streams the archive of `source` into the pending snapshot `snapshot` (started at `since`)
-/// of `capacity_gib`. An archive that reaches the snapshot's end stops the upload with
-/// [`MethodError::Outgrown`]: nothing is written past it, and the caller decides.
+/// Where an upload's blocks go: a pending snapshot, as StartSnapshot answered.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub snapshot: String,
+    /// When StartSnapshot was called: for a while after it, PutSnapshotBlock may answer that
+    /// the snapshot does not exist (retried, see [`Ebs::put`]).
+    pub since: Instant,
+    pub capacity_gib: i32,
+}
+
+impl Target {
+    fn capacity_blocks(&self) -> u64 {
+        u64::try_from(self.capacity_gib).unwrap_or(0) * BLOCKS_PER_GIB
+    }
+
+    /// An [`Aim`] that is already known.
+    pub fn aim(self) -> Aim {
+        tokio::sync::watch::channel(Some(self)).1
+    }
+}
+
+/// The [`Target`] to come: `None` until the snapshot is started. An upload does not wait for
+/// it to start tar: the first blocks are read, hashed and queued meanwhile (the reads stop at
+/// the blocks in flight), and go once it is known. A sender dropped with `None` (the snapshot
+/// could not be started) stops the upload.
+pub type Aim = tokio::sync::watch::Receiver<Option<Target>>;
+
+/// No snapshot is smaller than 1 GiB.
+const BLOCKS_PER_GIB: u64 = (1 << 30) / BLOCK as u64;
+
+async fn aimed(aim: &mut Aim) -> Result<Target, MethodError> {
+    aim.wait_for(Option::is_some)
+        .await
+        .ok()
+        .and_then(|t| t.clone())
+        .ok_or_else(|| MethodError::Failed("the upload's snapshot was not started".into()))
+}
+
+/// Streams the archive of `source` into the pending snapshot `aim` names (or will). An
+/// archive that reaches the snapshot's end stops the upload with [`MethodError::Outgrown`]:
+/// nothing is written past it, and the caller decides.
 pub async fn upload(
     ebs: &Ebs,
-    snapshot: &str,
-    since: Instant,
+    mut aim: Aim,
     source: &Source,
-    capacity_gib: i32,
     progress: &indicatif::ProgressBar,
 ) -> Result<Uploaded, MethodError> {
-    let capacity_blocks = u64::try_from(capacity_gib).unwrap_or(0) * 2048;
+    let mut capacity_blocks = None;
     let spawn = |e| MethodError::Spawn {
         program: "tar",
         source: e,
@@ -181,7 +218,18 @@ pub async fn upload(
         };
         bytes += n as u64;
         let index = digests.len() as u64;
-        if index >= capacity_blocks {
+        if capacity_blocks.is_none() {
+            capacity_blocks = aim.borrow().as_ref().map(Target::capacity_blocks);
+        }
+        // Not known yet this far in only if the slots did not stop the reads (they do, at the
+        // blocks in flight): wait for it rather than guess.
+        if capacity_blocks.is_none() && index >= BLOCKS_PER_GIB {
+            match aimed(&mut aim).await {
+                Ok(t) => capacity_blocks = Some(t.capacity_blocks()),
+                Err(e) => break Some(e),
+            }
+        }
+        if capacity_blocks.is_some_and(|c| index >= c) {
             break Some(MethodError::Outgrown);
         }
         // tar pads its stream to whole 1 MiB records, so every block is whole; a short one
@@ -196,11 +244,14 @@ pub async fn upload(
             Ok(p) => p,
             Err(_) => break Some(MethodError::Failed("the upload stopped".into())),
         };
-        let (ebs, id, bar) = (ebs.clone(), snapshot.to_string(), progress.clone());
+        let (ebs, mut aim, bar) = (ebs.clone(), aim.clone(), progress.clone());
         puts.spawn(async move {
             let digest: [u8; 32] = Sha256::digest(&block).into();
+            let to = aimed(&mut aim).await?;
             let put = Instant::now();
-            let sent = ebs.put(&id, index as i32, block, &digest, since).await;
+            let sent = ebs
+                .put(&to.snapshot, index as i32, block, &digest, to.since)
+                .await;
             let took = put.elapsed();
             drop(permit);
             bar.inc(n as u64);
