@@ -294,6 +294,66 @@ fn a_refused_start_snapshot_stops_the_upload_already_reading() {
     assert_eq!(volume_ids(), volumes, "no volume made");
 }
 
+/// The tool's tar, stopped (SIGSTOP) until this is dropped, when it is killed: a tar that
+/// writes nothing more, as one reading a hung mount.
+struct StoppedTar(i32);
+
+impl StoppedTar {
+    fn of(tool: i32) -> StoppedTar {
+        let tasks = fs::read_dir(format!("/proc/{tool}/task")).unwrap();
+        let tar = tasks
+            .flat_map(|t| {
+                let t = t.unwrap().path().join("children");
+                let ids = fs::read_to_string(t).unwrap_or_default();
+                ids.split_whitespace()
+                    .map(|c| c.parse::<i32>().unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .find(|c| {
+                fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n.trim() == "tar")
+            })
+            .expect("the tool's tar");
+        unsafe { libc::kill(tar, libc::SIGSTOP) };
+        StoppedTar(tar)
+    }
+}
+
+impl Drop for StoppedTar {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
+}
+
+/// A put that fails ends the run while tar writes nothing more: the upload does not wait for
+/// tar's next block to notice. The first blocks go through; tar stops; the blocks sent after
+/// it (the pipe's last ones) are refused.
+#[test]
+fn a_refused_block_ends_the_run_while_tar_writes_nothing() {
+    let s = scratch();
+    let src = s.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("noise"), tree::noise(96 << 20, 4)).unwrap();
+    let faults = Faults::new();
+    faults.set(&["ebs-latency", "2000"]);
+    let mut cmd = ec2_backup();
+    cmd.env("EC2_BACKUP_VERBOSE", "1")
+        .args(["--direct", "--snapshot-only"])
+        .arg(&src);
+    let live = common::spawn::Live::start(&mut cmd);
+    live.wait_for("uploading", std::time::Duration::from_secs(60));
+    let tar = StoppedTar::of(live.pid());
+    // The first blocks in flight are answered (2 s); the next ones, read from what is left
+    // in the pipe, answer 2 s after they went, refused.
+    std::thread::sleep(std::time::Duration::from_millis(3000));
+    faults.api("PutSnapshotBlock", "AccessDeniedException", 10_000);
+    let ended = live.finish(std::time::Duration::from_secs(60));
+    drop(tar);
+    drop(faults);
+    assert_ne!(ended.code(), Some(0), "{}", ended.show());
+    assert!(ended.stderr.contains("AccessDenied"), "{}", ended.show());
+    assert_eq!(ended.stdout, "", "no backup to name");
+}
+
 #[test]
 fn sigint_mid_upload_leaves_no_volume_and_no_completed_snapshot() {
     let s = scratch();

@@ -189,32 +189,29 @@ pub async fn upload(
     let mut digests: Vec<Option<[u8; 32]>> = Vec::new();
     let mut bytes = 0u64;
     let failed = loop {
-        // A failed put ends the upload at once.
-        let mut early = None;
-        while let Some(done) = puts.try_join_next() {
-            match flatten(done) {
-                Ok((i, d, took)) => {
-                    digests[i as usize] = Some(d);
-                    let more = concurrency.observe(took);
-                    if more > 0 {
-                        tracing::debug!(in_flight = concurrency.now, "more blocks in flight");
-                        slots.add_permits(more);
-                    }
-                }
-                Err(e) => {
-                    early = Some(e);
-                    break;
-                }
-            }
-        }
-        if let Some(e) = early {
-            break Some(e);
-        }
         let mut block = pool.take();
-        let n = match fill(&mut stdout, &mut block).await {
+        // Each put is taken as it ends, also while tar is slow to write (or hung): a failed
+        // one ends the upload at once.
+        let mut n = 0;
+        let read = loop {
+            tokio::select! {
+                biased;
+                Some(done) = puts.join_next(), if !puts.is_empty() => match flatten(done) {
+                    Ok(sent) => confirm(sent, &mut digests, &mut concurrency, &slots),
+                    Err(e) => break Err(e),
+                },
+                r = stdout.read(&mut block[n..]) => match r {
+                    Ok(0) => break Ok(n),
+                    Ok(k) if n + k == block.len() => break Ok(n + k),
+                    Ok(k) => n += k,
+                    Err(e) => break Err(MethodError::Failed(format!("reading from tar failed: {e}"))),
+                },
+            }
+        };
+        let n = match read {
             Ok(0) => break None,
             Ok(n) => n,
-            Err(e) => break Some(MethodError::Failed(format!("reading from tar failed: {e}"))),
+            Err(e) => break Some(e),
         };
         bytes += n as u64;
         let index = digests.len() as u64;
@@ -322,16 +319,19 @@ fn flatten<T>(
     done.map_err(|e| MethodError::Failed(format!("an upload task failed: {e}")))?
 }
 
-/// Reads until `buf` is full or the stream ends; returns how much was read.
-async fn fill(from: &mut tokio::process::ChildStdout, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match from.read(&mut buf[n..]).await? {
-            0 => break,
-            k => n += k,
-        }
+/// A put that succeeded: its digest kept for LINEAR, its time for the blocks in flight.
+fn confirm(
+    (index, digest, took): Sent,
+    digests: &mut [Option<[u8; 32]>],
+    concurrency: &mut Concurrency,
+    slots: &tokio::sync::Semaphore,
+) {
+    digests[index as usize] = Some(digest);
+    let more = concurrency.observe(took);
+    if more > 0 {
+        tracing::debug!(in_flight = concurrency.now, "more blocks in flight");
+        slots.add_permits(more);
     }
-    Ok(n)
 }
 
 /// Block buffers, reused: a block's memory comes back once its last user (its put, the
