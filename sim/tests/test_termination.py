@@ -227,7 +227,10 @@ def test_raw_reboot_syscall_ends_only_the_instance(sim):
               f"if os.stat('/proc/self/ns/pid').st_ino == {before[2]}: sys.exit(9)\n"
               f"ctypes.CDLL(None).reboot(0x4321FEDC)\n")  # LINUX_REBOOT_CMD_POWER_OFF
     r = sim.ssh(inst, f'sudo python3 -c "{script}"', check=False)
-    assert r.returncode == 255, (r.returncode, r.stderr)  # 9: same pid namespace, not run
+    # 9: same pid namespace, not run. The kernel ends the caller with status 0 after it kills
+    # the namespace's init (reboot_pid_ns: SIGKILL to init, then do_exit(0)), and that 0 can
+    # reach ssh before the session's sshd dies with the namespace; or the link drops: 255.
+    assert r.returncode in (0, 255), (r.returncode, r.stderr)
     assert states_until(sim, inst["InstanceId"], "terminated")[-1] == "terminated"
     assert host_init() == before
 
