@@ -231,14 +231,8 @@ impl DirectJob {
             None => {
                 drop(early); // its tar goes
                 report.step("the tree has sparse or compressed files; sizing the archive");
-                let bytes = dd::archive_size(&source).await?;
-                report.step(&format!("the archive will be {bytes} bytes"));
-                bar.set_length(bytes);
-                let t = self
-                    .start_snapshot(snapshot_gib(footprint, Some(bytes)), attempt)
-                    .await?;
-                let up = direct::upload(&self.ebs, t.clone().aim(), &source, &bar).await;
-                (t, up)
+                self.sized_upload(&source, &bar, footprint, 1, attempt)
+                    .await?
             }
         };
         let up = loop {
@@ -254,14 +248,11 @@ impl DirectJob {
                     ));
                     snapshot::discard(cloud, id).await?;
                     self.ledger.forget(&Resource::Snapshot(id.clone()));
-                    let bytes = dd::archive_size(&source).await?;
-                    report.step(&format!("the archive will be {bytes} bytes"));
                     bar.reset();
-                    bar.set_length(bytes);
                     attempt += 1;
-                    let gib = snapshot_gib(footprint, Some(bytes)).max(gib + 1);
-                    target = self.start_snapshot(gib, attempt).await?;
-                    uploaded = direct::upload(&self.ebs, target.clone().aim(), &source, &bar).await;
+                    (target, uploaded) = self
+                        .sized_upload(&source, &bar, footprint, gib + 1, attempt)
+                        .await?;
                 }
                 Err(method::MethodError::Outgrown) => {
                     return Err(Error::from(method::MethodError::Failed(format!(
@@ -329,6 +320,32 @@ impl DirectJob {
             leftovers: Vec::new(),
             put_blocks: Some(up.blocks),
         })
+    }
+
+    /// tar sizes the archive exactly, then the upload goes into a snapshot it fits, of at least
+    /// `floor` GiB.
+    async fn sized_upload(
+        &self,
+        source: &method::Source,
+        bar: &indicatif::ProgressBar,
+        footprint: u64,
+        floor: i32,
+        attempt: u32,
+    ) -> Result<
+        (
+            direct::Target,
+            Result<direct::Uploaded, method::MethodError>,
+        ),
+        Error,
+    > {
+        let bytes = dd::archive_size(source).await?;
+        self.report
+            .step(&format!("the archive will be {bytes} bytes"));
+        bar.set_length(bytes);
+        let gib = snapshot_gib(footprint, Some(bytes)).max(floor);
+        let target = self.start_snapshot(gib, attempt).await?;
+        let up = direct::upload(&self.ebs, target.clone().aim(), source, bar).await;
+        Ok((target, up))
     }
 
     /// StartSnapshot of `gib`, on the ledger the moment EBS answers. The ClientToken is the
